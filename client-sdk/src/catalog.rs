@@ -1,0 +1,1 @@
+//! Catalog entry files (TOML/JSON) — filled in by the catalog work.

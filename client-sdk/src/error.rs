@@ -1,0 +1,83 @@
+//! Errors as typed values: a gRPC `Status` from any gov-exchange server becomes a [`ClientError`], with the
+//! field violations of `INVALID_ARGUMENT` (google.rpc.BadRequest) and the retry delay of
+//! `RESOURCE_EXHAUSTED` (google.rpc.RetryInfo) decoded.
+
+use std::time::Duration;
+
+use tonic::{Code, Status};
+use tonic_types::StatusExt;
+
+/// One bad field, as the server named it (`entries[3].resource_code`) and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FieldViolation {
+    pub field: String,
+    pub description: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("invalid argument: {message}{}", fmt_violations(.violations))]
+    InvalidArgument { message: String, violations: Vec<FieldViolation> },
+    #[error("not found: {0}")]
+    NotFound(String),
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(String),
+    #[error("rate limited: {message}")]
+    ResourceExhausted { message: String, retry_after: Option<Duration> },
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    #[error("{code:?}: {message}")]
+    Other { code: Code, message: String },
+    #[error("{0}")]
+    Tls(#[from] crate::tls::TlsError),
+}
+
+fn fmt_violations(v: &[FieldViolation]) -> String {
+    v.iter().map(|f| format!("\n  - {}: {}", f.field, f.description)).collect()
+}
+
+impl ClientError {
+    /// The gRPC code this error came from (`Unavailable` for connection failures).
+    pub fn code(&self) -> Code {
+        match self {
+            ClientError::InvalidArgument { .. } => Code::InvalidArgument,
+            ClientError::NotFound(_) => Code::NotFound,
+            ClientError::PermissionDenied(_) => Code::PermissionDenied,
+            ClientError::Unauthenticated(_) => Code::Unauthenticated,
+            ClientError::ResourceExhausted { .. } => Code::ResourceExhausted,
+            ClientError::Unavailable(_) | ClientError::Tls(_) => Code::Unavailable,
+            ClientError::Other { code, .. } => *code,
+        }
+    }
+}
+
+impl From<Status> for ClientError {
+    fn from(status: Status) -> Self {
+        let message = status.message().to_string();
+        match status.code() {
+            Code::InvalidArgument => {
+                let violations = status
+                    .get_details_bad_request()
+                    .map(|br| {
+                        br.field_violations
+                            .into_iter()
+                            .map(|v| FieldViolation { field: v.field, description: v.description })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                ClientError::InvalidArgument { message, violations }
+            }
+            Code::NotFound => ClientError::NotFound(message),
+            Code::PermissionDenied => ClientError::PermissionDenied(message),
+            Code::Unauthenticated => ClientError::Unauthenticated(message),
+            Code::ResourceExhausted => {
+                let retry_after = status.get_details_retry_info().and_then(|r| r.retry_delay);
+                ClientError::ResourceExhausted { message, retry_after }
+            }
+            Code::Unavailable => ClientError::Unavailable(crate::tls::error_chain(&status)),
+            code => ClientError::Other { code, message },
+        }
+    }
+}

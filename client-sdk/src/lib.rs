@@ -1,0 +1,24 @@
+//! The gov-exchange client library: what applications, operators and the servers themselves use to speak
+//! to the exchange over mutual TLS.
+//!
+//! # Layout
+//! - [`identity`]: the department and role a certificate carries (URI SAN), read from DER.
+//! - [`pki`]: a small CA: `exchangectl pki init|issue` write certificates with identities in them.
+//! - [`tls`]: the one place TLS is configured: server and client rustls configs, the revocation set,
+//!   the TLS accept loop with a connection limit, and channel set-up.
+//! - [`auth`]: per-call authentication (tonic interceptor) and role checks for servers.
+//! - [`ids`]: validation of unified social credit codes and citizen identity numbers, and masking.
+//! - [`client`]: typed connections to the directory and to a node.
+//! - [`error`]: turns a gRPC `Status` (with google.rpc details) into a typed [`error::ClientError`].
+//! - `src/bin/exchangectl.rs`: the operator CLI.
+
+pub mod auth;
+pub mod catalog;
+pub mod client;
+pub mod error;
+pub mod identity;
+pub mod ids;
+pub mod pki;
+pub mod tls;
+
+pub use exchange_proto as proto;
