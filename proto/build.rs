@@ -15,6 +15,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 "proto/govexchange/v1/catalog.proto",
                 "proto/govexchange/v1/directory.proto",
                 "proto/govexchange/v1/node.proto",
+                "proto/govexchange/v1/bench.proto",
             ],
             &["proto"],
         )?;

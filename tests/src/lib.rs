@@ -1,1 +1,13 @@
+//! Shared parts of the end-to-end tests and the benchmark harness.
+//!
+//! # Layout
+//! - [`pki`]: a throw-away CA with certificates for a directory, department nodes, apps and operators.
+//! - [`procs`]: finding and starting the real binaries (`directory`, `exchange-node`, `exchangectl`)
+//!   with generated configs, and stopping them (gracefully or with SIGKILL).
+//! - [`workload`]: realistic generated catalog entries (Chinese names, summaries, data items).
+//! - [`echo`]: the bare mutual-TLS echo server every benchmark figure is compared with.
 
+pub mod echo;
+pub mod pki;
+pub mod procs;
+pub mod workload;
