@@ -52,3 +52,21 @@ impl CatalogIndex {
         todo!()
     }
 }
+
+#[cfg(test)]
+mod scratch {
+    use tantivy::tokenizer::{TextAnalyzer, LowerCaser, TokenStream};
+    fn toks(search: bool, text: &str) -> Vec<String> {
+        let mut a = TextAnalyzer::builder(tantivy_jieba::JiebaTokenizer::with_search_mode(search)).filter(LowerCaser).build();
+        let mut s = a.token_stream(text);
+        let mut v = vec![];
+        while s.advance() { let t = s.token(); v.push(format!("{}@{}+{}", t.text, t.position, t.position_length)); }
+        v
+    }
+    #[test]
+    fn scratch_jieba() {
+        for t in ["企业登记信息", "企业登记", "企业 登记", "纳税信用等级", "产品质量监督抽查结果", "质量监督", "监督抽查", "人口基本信息", "统一社会信用代码", "社会信用代码", "法定代表人姓名", "市场主体登记注册信息，包括 USCC 与 API-v2 接口。", "不动产登记", "社会保障卡", "社会保险缴费记录", "缴费", "营业执照", "食品经营许可证"] {
+            println!("{t}\n  S {:?}\n  D {:?}", toks(true, t), toks(false, t));
+        }
+    }
+}

@@ -5,9 +5,11 @@
 //! - [`procs`]: finding and starting the real binaries (`directory`, `exchange-node`, `exchangectl`)
 //!   with generated configs, and stopping them (gracefully or with SIGKILL).
 //! - [`workload`]: realistic generated catalog entries (Chinese names, summaries, data items).
+//! - [`load`]: a closed-loop load generator with exact latency percentiles.
 //! - [`echo`]: the bare mutual-TLS echo server every benchmark figure is compared with.
 
 pub mod echo;
+pub mod load;
 pub mod pki;
 pub mod procs;
 pub mod workload;
