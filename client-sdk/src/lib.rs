@@ -8,12 +8,15 @@
 //!   the TLS accept loop with a connection limit, and channel set-up.
 //! - [`auth`]: per-call authentication (tonic interceptor) and role checks for servers.
 //! - [`ids`]: validation of unified social credit codes and citizen identity numbers, and masking.
-//! - [`client`]: typed connections to the directory and to a node.
+//! - [`client`]: typed connections to the directory and to a node, and batched catalog publishing.
+//! - [`catalog`]: catalog entries as TOML/JSON people edit and read, and their conversion to the wire type.
 //! - [`error`]: turns a gRPC `Status` (with google.rpc details) into a typed [`error::ClientError`].
-//! - `src/bin/exchangectl.rs`: the operator CLI.
+//! - [`cli`]: the operator CLI `exchangectl` (commands, output, tables); `src/bin/exchangectl.rs` only
+//!   parses and runs it.
 
 pub mod auth;
 pub mod catalog;
+pub mod cli;
 pub mod client;
 pub mod error;
 pub mod identity;

@@ -1,1 +1,33 @@
+//! The gov-exchange central directory: node registry, catalog, search, revocations, served as the
+//! `govexchange.v1.Directory` gRPC service over mutual TLS.
+//!
+//! # Layout
+//! - [`config`]: the TOML configuration ([`config::Config`]).
+//! - [`server`]: start-up (open stores, rebuild the index, load revocations) and serving with health,
+//!   reflection, graceful shutdown ([`server::run`], [`server::LoadedDirectory`]).
+//! - [`service`]: the Directory RPCs: roles, ownership, the write path (store → index → watchers).
+//! - [`validate`]: request validation (catalog field rules, addresses, search filters), one field violation
+//!   per bad field.
+//! - [`error`]: [`error::DirectoryError`] and its mapping to gRPC status codes, the only such mapping.
+//! - [`store`]: storage traits ([`store::CatalogStore`], [`store::NodeStore`], [`store::RevocationStore`])
+//!   and the sled backend ([`store::sled`]).
+//! - [`watch`]: the `WatchCatalog` change feed over the store's change log.
+//! - [`revocation`]: who may revoke which certificate.
+//! - [`search`]: the full-text catalog index (tantivy + jieba).
+//! - `main.rs`: the `directory --config FILE` binary.
+//!
+//! Identity comes only from the caller's certificate (`client_sdk::auth`); TLS is configured only in
+//! `client_sdk::tls`.
+
+pub mod config;
+pub mod error;
+pub mod revocation;
 pub mod search;
+pub mod server;
+pub mod service;
+pub mod store;
+pub mod validate;
+pub mod watch;
+
+pub use config::Config;
+pub use server::{run, LoadedDirectory, ServerError};

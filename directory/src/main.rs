@@ -1,1 +1,81 @@
-fn main() {}
+//! `directory --config FILE`: reads the config, sets up logging, binds, and serves until Ctrl-C or SIGTERM.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use directory::config::{Config, LogFormat};
+use tracing_subscriber::EnvFilter;
+
+/// The gov-exchange central directory.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// TOML configuration file (see the `directory::config` docs for the keys).
+    #[arg(long, env = "DIRECTORY_CONFIG")]
+    config: PathBuf,
+}
+
+/// How long a shutdown may wait for open calls and streams before the process exits anyway. Acknowledged
+/// writes are already on disk, so cutting a straggler loses nothing.
+const DRAIN_LIMIT: Duration = Duration::from_secs(30);
+
+fn init_tracing(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => tracing::info!("Ctrl-C received"),
+        _ = term => tracing::info!("SIGTERM received"),
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let config = Config::from_file(&args.config)?;
+    init_tracing(config.log_format);
+    let listener = tokio::net::TcpListener::bind(&config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
+    let shutdown = async move {
+        shutdown_signal().await;
+        let _ = stopping_tx.send(());
+    };
+    let server = directory::run(listener, config, shutdown);
+    tokio::pin!(server);
+    let drain_limit = async {
+        if stopping_rx.await.is_ok() {
+            tokio::time::sleep(DRAIN_LIMIT).await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        result = &mut server => result.context("directory failed")?,
+        _ = drain_limit => tracing::warn!("calls still open {}s after shutdown began; exiting anyway", DRAIN_LIMIT.as_secs()),
+    }
+    Ok(())
+}

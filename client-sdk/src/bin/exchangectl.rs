@@ -1,1 +1,24 @@
-fn main() {}
+//! exchangectl: the gov-exchange operator CLI. Everything but parsing and the exit status lives in
+//! `client_sdk::cli`, where it is tested.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use client_sdk::cli::{self, Cli};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let json = cli.global.json;
+    // One command at a time: a current-thread runtime is enough and starts faster.
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(cli::run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => ExitCode::from(cli::report_error(&e, json)),
+    }
+}

@@ -1,0 +1,293 @@
+//! `exchangectl`, the operator CLI, as a library so its parsing and output are unit-tested; the binary
+//! (`src/bin/exchangectl.rs`) only parses, runs [`run`] and reports the error.
+//!
+//! # Layout
+//! - [`args`]: the clap definitions (commands, flags, environment variables).
+//! - [`output`]: JSON views and the human text made from them.
+//! - [`table`]: aligned columns that measure CJK text by display width.
+//! - `pki_cmd`, `catalog_cmd`, `nodes_cmd`: the commands.
+
+pub mod args;
+mod catalog_cmd;
+mod nodes_cmd;
+pub mod output;
+mod pki_cmd;
+pub mod table;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use exchange_proto::v1::directory_client::DirectoryClient;
+use exchange_proto::v1::exchange_node_client::ExchangeNodeClient;
+use serde::Serialize;
+use tonic::transport::Channel;
+
+pub use args::Cli;
+use args::{CatalogCommand, Command, GlobalOpts};
+use output::Printer;
+
+use crate::catalog::CatalogError;
+use crate::client::{self, BatchPublishError};
+use crate::error::{ClientError, FieldViolation};
+use crate::pki::PkiError;
+use crate::tls::{TlsIdentity, TlsPaths};
+
+/// Why a command failed. Every variant's text is complete on its own: the binary prints it as is.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// A server refused the call, or could not be reached.
+    #[error("{0}")]
+    Client(#[from] ClientError),
+    /// A publish batch was refused; `entry_codes` names the entries the violations point at.
+    #[error("{}", publish_error_text(.error, .entry_codes))]
+    Publish { error: BatchPublishError, entry_codes: Vec<String> },
+    #[error("{0}")]
+    Pki(#[from] PkiError),
+    #[error("{0}")]
+    Catalog(#[from] CatalogError),
+    #[error("{path}: {reason}")]
+    File { path: PathBuf, reason: String },
+    /// The command line is usable by clap but not by us (missing certificate options, bad filter word).
+    #[error("{0}")]
+    Usage(String),
+}
+
+fn publish_error_text(error: &BatchPublishError, codes: &[String]) -> String {
+    let mut text = match &error.error {
+        ClientError::InvalidArgument { message, violations } => ClientError::InvalidArgument {
+            message: message.clone(),
+            violations: violations
+                .iter()
+                .map(|v| FieldViolation { field: annotate_field(&v.field, codes), description: v.description.clone() })
+                .collect(),
+        }
+        .to_string(),
+        other => other.to_string(),
+    };
+    if error.accepted > 0 {
+        text.push_str(&format!(
+            "\n  (the first {} entries were accepted before this batch was refused)",
+            error.accepted
+        ));
+    }
+    text
+}
+
+/// Adds the resource code to a violation that points at an entry (`entries[3].name` →
+/// `entries[3] (101001/000004).name`), so the operator can find the entry in the file.
+fn annotate_field(field: &str, codes: &[String]) -> String {
+    match (client::violation_entry_index(field).and_then(|i| codes.get(i)), field.split_once(']')) {
+        (Some(code), Some((head, tail))) => format!("{head}] ({code}){tail}"),
+        _ => field.to_string(),
+    }
+}
+
+impl CliError {
+    /// Process exit status: 2 for usage errors (as clap), 3 when a server could not be reached (worth a
+    /// retry), 1 for everything else.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CliError::Usage(_) => 2,
+            CliError::Client(e) if e.code() == tonic::Code::Unavailable => 3,
+            CliError::Publish { error, .. } if error.error.code() == tonic::Code::Unavailable => 3,
+            _ => 1,
+        }
+    }
+
+    /// The `--json` form of the error, printed to stdout so a script always reads one JSON document.
+    pub fn to_json(&self) -> serde_json::Value {
+        #[derive(Serialize)]
+        struct Violation<'a> {
+            field: &'a str,
+            description: &'a str,
+        }
+        let (kind, violations, accepted) = match self {
+            CliError::Client(e) => (format!("{:?}", e.code()), violations_of(e), None),
+            CliError::Publish { error, entry_codes } => {
+                let violations =
+                    violations_of(&error.error).into_iter().map(|(f, d)| (annotate_field(&f, entry_codes), d)).collect();
+                (format!("{:?}", error.error.code()), violations, Some(error.accepted))
+            }
+            CliError::Pki(_) => ("Pki".into(), vec![], None),
+            CliError::Catalog(_) => ("CatalogFile".into(), vec![], None),
+            CliError::File { .. } => ("File".into(), vec![], None),
+            CliError::Usage(_) => ("Usage".into(), vec![], None),
+        };
+        let violations: Vec<Violation> =
+            violations.iter().map(|(f, d)| Violation { field: f, description: d }).collect();
+        let mut error = serde_json::json!({ "code": kind, "message": self.to_string() });
+        if !violations.is_empty() {
+            error["violations"] = serde_json::to_value(violations).expect("serializes");
+        }
+        if let Some(accepted) = accepted {
+            error["accepted_entries"] = accepted.into();
+        }
+        serde_json::json!({ "error": error })
+    }
+}
+
+fn violations_of(e: &ClientError) -> Vec<(String, String)> {
+    match e {
+        ClientError::InvalidArgument { violations, .. } => {
+            violations.iter().map(|v| (v.field.clone(), v.description.clone())).collect()
+        }
+        _ => vec![],
+    }
+}
+
+/// What every command has at hand: the global options and the printer.
+pub(crate) struct Ctx {
+    pub global: GlobalOpts,
+    pub out: Printer,
+}
+
+impl Ctx {
+    /// The certificate files to use, from --ca/--cert/--key or --pki-dir + --identity.
+    pub fn tls_paths(&self) -> Result<TlsPaths, CliError> {
+        resolve_tls_paths(&self.global)
+    }
+
+    pub fn identity(&self) -> Result<TlsIdentity, CliError> {
+        TlsIdentity::load(&self.tls_paths()?).map_err(|e| CliError::Client(e.into()))
+    }
+
+    pub fn directory(&self) -> Result<DirectoryClient<Channel>, CliError> {
+        client::directory_client(&self.global.directory, &self.identity()?).map_err(|e| CliError::Client(e.into()))
+    }
+
+    pub fn node(&self, addr: &str) -> Result<ExchangeNodeClient<Channel>, CliError> {
+        client::node_client(addr, &self.identity()?).map_err(|e| CliError::Client(e.into()))
+    }
+
+    /// A unary request with the `--timeout` deadline.
+    pub fn request<T>(&self, message: T) -> tonic::Request<T> {
+        let mut req = tonic::Request::new(message);
+        req.set_timeout(Duration::from_secs(self.global.timeout.max(1)));
+        req
+    }
+}
+
+/// Explicit files win; otherwise `--pki-dir` with `--identity` gives the `pki issue` layout.
+pub fn resolve_tls_paths(g: &GlobalOpts) -> Result<TlsPaths, CliError> {
+    let from_dir = |what: &str| -> Result<PathBuf, CliError> {
+        let dir = g.pki_dir.as_ref().ok_or_else(|| {
+            CliError::Usage(format!(
+                "no {what}: pass --ca, --cert and --key (or EXCHANGE_CA, EXCHANGE_CERT, EXCHANGE_KEY), \
+                 or --pki-dir DIR with --identity NAME (EXCHANGE_PKI_DIR, EXCHANGE_IDENTITY)"
+            ))
+        })?;
+        if what == "CA certificate" {
+            return Ok(dir.join("ca.crt"));
+        }
+        let name = g.identity.as_ref().ok_or_else(|| {
+            CliError::Usage(format!(
+                "no {what}: --pki-dir {} needs --identity NAME (the certificate's file stem), \
+                 or pass --cert and --key",
+                dir.display()
+            ))
+        })?;
+        Ok(dir.join(format!("{name}.{}", if what == "certificate" { "crt" } else { "key" })))
+    };
+    Ok(TlsPaths {
+        ca: g.ca.clone().map(Ok).unwrap_or_else(|| from_dir("CA certificate"))?,
+        cert: g.cert.clone().map(Ok).unwrap_or_else(|| from_dir("certificate"))?,
+        key: g.key.clone().map(Ok).unwrap_or_else(|| from_dir("private key"))?,
+    })
+}
+
+/// Runs one parsed command line.
+pub async fn run(cli: Cli) -> Result<(), CliError> {
+    crate::tls::install_crypto_provider();
+    let ctx = Ctx { out: Printer { json: cli.global.json }, global: cli.global };
+    match cli.command {
+        Command::Pki(cmd) => pki_cmd::run(&ctx, cmd).await,
+        Command::Catalog(cmd) => match cmd {
+            CatalogCommand::Search(args) => catalog_cmd::search(&ctx, args).await,
+            CatalogCommand::Get { code, include_withdrawn } => catalog_cmd::get(&ctx, code, include_withdrawn).await,
+            CatalogCommand::Publish { file, node, dry_run } => {
+                catalog_cmd::publish(&ctx, &file, node.as_deref(), dry_run).await
+            }
+            CatalogCommand::Withdraw { codes, node } => catalog_cmd::withdraw(&ctx, codes, node.as_deref()).await,
+            CatalogCommand::Watch { from } => catalog_cmd::watch(&ctx, from).await,
+        },
+        Command::Nodes { dept } => nodes_cmd::nodes(&ctx, dept).await,
+        Command::NodeStatus { node } => nodes_cmd::node_status(&ctx, &node).await,
+        Command::Whoami => nodes_cmd::whoami(&ctx).await,
+    }
+}
+
+/// Prints a failed command's error: always as text on stderr, and with `--json` also as a JSON document
+/// on stdout. Returns the exit status.
+pub fn report_error(error: &CliError, json: bool) -> u8 {
+    if json {
+        println!("{}", serde_json::to_string_pretty(&error.to_json()).expect("serializes"));
+    }
+    eprintln!("error: {error}");
+    error.exit_code()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn global(args: &[&str]) -> GlobalOpts {
+        Cli::try_parse_from(["exchangectl"].iter().chain(args).chain(&["whoami"])).unwrap().global
+    }
+
+    #[test]
+    fn tls_paths_from_dir_and_identity_or_explicit_files() {
+        let p = resolve_tls_paths(&global(&["--pki-dir", "pki", "--identity", "tax-operator"])).unwrap();
+        assert_eq!(p.ca, PathBuf::from("pki/ca.crt"));
+        assert_eq!(p.cert, PathBuf::from("pki/tax-operator.crt"));
+        assert_eq!(p.key, PathBuf::from("pki/tax-operator.key"));
+        let p = resolve_tls_paths(&global(&["--pki-dir", "pki", "--identity", "x", "--cert", "/c.pem"])).unwrap();
+        assert_eq!(p.cert, PathBuf::from("/c.pem"));
+        assert_eq!(p.key, PathBuf::from("pki/x.key"));
+        let p = resolve_tls_paths(&global(&["--ca", "a", "--cert", "b", "--key", "c"])).unwrap();
+        assert_eq!((p.ca, p.cert, p.key), ("a".into(), "b".into(), "c".into()));
+    }
+
+    #[test]
+    fn missing_certificate_options_are_a_usage_error() {
+        // Only meaningful when the environment does not supply them.
+        if std::env::var_os("EXCHANGE_PKI_DIR").is_some() || std::env::var_os("EXCHANGE_CERT").is_some() {
+            return;
+        }
+        let err = resolve_tls_paths(&global(&[])).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        assert!(err.to_string().contains("--pki-dir"), "{err}");
+        let err = resolve_tls_paths(&global(&["--pki-dir", "pki"])).unwrap_err();
+        assert!(err.to_string().contains("--identity"), "{err}");
+    }
+
+    #[test]
+    fn publish_errors_name_the_entry_of_each_violation() {
+        let error = BatchPublishError {
+            accepted: 0,
+            error: ClientError::InvalidArgument {
+                message: "2 invalid fields".into(),
+                violations: vec![
+                    FieldViolation { field: "entries[1].share_condition".into(), description: "required for conditional".into() },
+                    FieldViolation { field: "entries".into(), description: "duplicate codes".into() },
+                ],
+            },
+        };
+        let err = CliError::Publish { error, entry_codes: vec!["101001/000001".into(), "302001/000001".into()] };
+        let text = err.to_string();
+        assert!(text.contains("entries[1] (302001/000001).share_condition: required for conditional"), "{text}");
+        assert!(text.contains("  - entries: duplicate codes"), "{text}");
+        let json = err.to_json();
+        assert_eq!(json["error"]["code"], "InvalidArgument");
+        assert_eq!(json["error"]["violations"][0]["field"], "entries[1] (302001/000001).share_condition");
+        assert_eq!(json["error"]["accepted_entries"], 0);
+        assert_eq!(err.exit_code(), 1);
+    }
+
+    #[test]
+    fn unreachable_server_exits_3() {
+        let err = CliError::Client(ClientError::Unavailable("connection refused".into()));
+        assert_eq!(err.exit_code(), 3);
+        assert_eq!(err.to_json()["error"]["code"], "Unavailable");
+    }
+}

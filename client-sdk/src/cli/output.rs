@@ -1,0 +1,676 @@
+//! What `exchangectl` prints: serde views for `--json` (one document per command, JSON lines for watch)
+//! and the human text made from the same views, so both forms always carry the same facts.
+//!
+//! Every renderer returns a `String`; only [`Printer`] writes to stdout, which keeps the formatting
+//! testable.
+
+use std::fmt::Write as _;
+
+use exchange_proto::v1::{
+    CatalogChange, ChangeKind, FacetCount, NodeInfo, NodeStatus, NodeStatusResponse, Revocation,
+    SearchCatalogResponse, WhoAmIResponse,
+};
+use serde::Serialize;
+
+use super::table::{Align, Table};
+use crate::catalog::CatalogEntrySpec;
+
+/// Prints either the JSON form of a view or its human text.
+#[derive(Clone, Copy, Debug)]
+pub struct Printer {
+    pub json: bool,
+}
+
+impl Printer {
+    /// Prints one result: `value` as a JSON document (pretty, so it reads well in a terminal; `jq` reads
+    /// either form), or `human()` as text.
+    pub fn emit<T: Serialize>(&self, value: &T, human: impl FnOnce() -> String) {
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(value).expect("views serialize"));
+        } else {
+            let text = human();
+            print!("{text}");
+            if !text.ends_with('\n') {
+                println!();
+            }
+        }
+    }
+
+    /// Prints one line of a stream: a compact JSON line, or the human line.
+    pub fn emit_line<T: Serialize>(&self, value: &T, human: impl FnOnce() -> String) {
+        if self.json {
+            println!("{}", serde_json::to_string(value).expect("views serialize"));
+        } else {
+            println!("{}", human());
+        }
+    }
+}
+
+/// Date and time of a Unix timestamp (seconds), UTC, `2026-01-31 08:00:00 UTC`.
+pub fn format_unix(secs: i64) -> String {
+    match time::OffsetDateTime::from_unix_timestamp(secs) {
+        Ok(t) => format!(
+            "{:04}-{:02}-{:02} {:02}:{:02}:{:02} UTC",
+            t.year(),
+            u8::from(t.month()),
+            t.day(),
+            t.hour(),
+            t.minute(),
+            t.second()
+        ),
+        Err(_) => format!("@{secs}"),
+    }
+}
+
+/// How long ago `then_ms` was, coarsely: `4s ago`, `3m ago`, `5h ago`, `2d ago`; `never` for 0.
+pub fn format_age(now_ms: i64, then_ms: i64) -> String {
+    if then_ms <= 0 {
+        return "never".to_string();
+    }
+    let secs = (now_ms - then_ms) / 1000;
+    if secs < 0 {
+        return "just now".to_string(); // the directory's clock is ahead of ours
+    }
+    match secs {
+        0..=119 => format!("{secs}s ago"),
+        120..=7199 => format!("{}m ago", secs / 60),
+        7200..=172_799 => format!("{}h ago", secs / 3600),
+        _ => format!("{}d ago", secs / 86_400),
+    }
+}
+
+pub fn now_unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+// ---- catalog ----
+
+#[derive(Debug, Serialize)]
+pub struct FacetView {
+    pub value: String,
+    pub count: u64,
+}
+
+fn facets(f: &[FacetCount]) -> Vec<FacetView> {
+    f.iter().map(|f| FacetView { value: f.value.clone(), count: f.count }).collect()
+}
+
+#[derive(Debug, Serialize)]
+pub struct HitView {
+    pub score: f32,
+    pub entry: CatalogEntrySpec,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SearchView {
+    pub total_hits: u64,
+    pub hits: Vec<HitView>,
+    /// Empty on the last page (and always with `--all`).
+    pub next_page_token: String,
+    pub provider_facets: Vec<FacetView>,
+    pub share_type_facets: Vec<FacetView>,
+    pub classification_facets: Vec<FacetView>,
+    pub catalog_version: u64,
+}
+
+impl SearchView {
+    /// One page, or several pages merged (`--all`): facets and totals come from the first page, the hits
+    /// from all of them.
+    pub fn from_pages(pages: Vec<SearchCatalogResponse>) -> Self {
+        let mut pages = pages.into_iter();
+        let first = pages.next().unwrap_or_default();
+        let mut view = SearchView {
+            total_hits: first.total_hits,
+            hits: Vec::new(),
+            next_page_token: String::new(),
+            provider_facets: facets(&first.provider_facets),
+            share_type_facets: facets(&first.share_type_facets),
+            classification_facets: facets(&first.classification_facets),
+            catalog_version: first.catalog_version,
+        };
+        let mut last_token = first.next_page_token.clone();
+        for page in std::iter::once(first).chain(pages) {
+            last_token = page.next_page_token.clone();
+            view.hits.extend(
+                page.hits
+                    .into_iter()
+                    .map(|h| HitView { score: h.score, entry: h.entry.map(Into::into).unwrap_or_else(empty_spec) }),
+            );
+        }
+        view.next_page_token = last_token;
+        view
+    }
+
+    pub fn human(&self) -> String {
+        let mut out = String::new();
+        let shown = self.hits.len();
+        let _ = writeln!(
+            out,
+            "{shown} of {} hit{} (catalog version {})",
+            self.total_hits,
+            if self.total_hits == 1 { "" } else { "s" },
+            self.catalog_version
+        );
+        if shown > 0 {
+            let mut t = Table::new(&["code", "name", "provider", "share type", "score"])
+                .max_width(1, 40)
+                .align(4, Align::Right);
+            for h in &self.hits {
+                let e = &h.entry;
+                t.row([
+                    e.resource_code.clone(),
+                    e.name.clone(),
+                    e.provider_code.clone(),
+                    e.share_type.clone(),
+                    format!("{:.2}", h.score),
+                ]);
+            }
+            out.push('\n');
+            out.push_str(&t.render());
+        }
+        let facet_line = |label: &str, f: &[FacetView]| -> String {
+            if f.is_empty() {
+                String::new()
+            } else {
+                let parts: Vec<String> = f.iter().map(|f| format!("{} {}", f.value, f.count)).collect();
+                format!("{label}: {}\n", parts.join(", "))
+            }
+        };
+        let facet_text = [
+            facet_line("providers", &self.provider_facets),
+            facet_line("share types", &self.share_type_facets),
+            facet_line("classes", &self.classification_facets),
+        ]
+        .concat();
+        if !facet_text.is_empty() {
+            out.push('\n');
+            out.push_str(&facet_text);
+        }
+        if !self.next_page_token.is_empty() {
+            let _ = writeln!(out, "\nnext page: --page-token {}", self.next_page_token);
+        }
+        out
+    }
+}
+
+fn empty_spec() -> CatalogEntrySpec {
+    CatalogEntrySpec::from(&exchange_proto::v1::CatalogEntry::default())
+}
+
+/// One entry, every field, for `catalog get`.
+pub fn entry_human(e: &CatalogEntrySpec) -> String {
+    let mut out = String::new();
+    let mut field = |label: &str, value: &str| {
+        if !value.is_empty() {
+            let _ = writeln!(out, "{label:<16}{value}");
+        }
+    };
+    field("resource code", &e.resource_code);
+    field("name", &e.name);
+    field("summary", &e.summary);
+    field("provider", &format!("{} ({})", e.provider_name, e.provider_code));
+    field("classification", &e.classification);
+    field("format", &e.format);
+    field("share type", &e.share_type);
+    field(
+        if e.share_type == "not_shared" { "legal basis" } else { "share condition" },
+        &e.share_condition,
+    );
+    field("share methods", &e.share_methods.join(", "));
+    field("open", &e.open_attribute);
+    field("open condition", &e.open_condition);
+    field("update cycle", &e.update_cycle);
+    field("published", &e.publish_date);
+    field("record kind", &e.record_kind);
+    field("key item", &e.key_item);
+    field("related", &e.related_resource_codes.join(", "));
+    field("version", &e.version.map(|v| v.to_string()).unwrap_or_default());
+    if e.withdrawn {
+        field("status", "WITHDRAWN");
+    }
+    if !e.data_items.is_empty() {
+        let mut t = Table::new(&["data item", "type", "description"]);
+        for d in &e.data_items {
+            t.row([d.name.as_str(), d.data_type.as_str(), d.description.as_str()]);
+        }
+        out.push('\n');
+        out.push_str(&t.render());
+    }
+    out
+}
+
+#[derive(Debug, Serialize)]
+pub struct PublishedView {
+    pub resource_code: String,
+    pub name: String,
+    pub version: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PublishView {
+    pub file: String,
+    /// `directory` or the node's address.
+    pub via: String,
+    pub dry_run: bool,
+    pub catalog_version: u64,
+    pub entries: Vec<PublishedView>,
+}
+
+/// Beyond this many entries the per-entry table is left out of the human output.
+const PUBLISH_TABLE_LIMIT: usize = 100;
+
+impl PublishView {
+    pub fn human(&self) -> String {
+        let mut out = if self.dry_run {
+            format!("{}: {} entries read and checked; nothing sent (--dry-run)\n", self.file, self.entries.len())
+        } else {
+            format!(
+                "published {} entries from {} via {} (catalog version {})\n",
+                self.entries.len(),
+                self.file,
+                self.via,
+                self.catalog_version
+            )
+        };
+        if !self.entries.is_empty() && self.entries.len() <= PUBLISH_TABLE_LIMIT {
+            let mut t = Table::new(&["code", "version", "name"]).align(1, Align::Right);
+            for e in &self.entries {
+                let version = if self.dry_run { "-".to_string() } else { e.version.to_string() };
+                t.row([e.resource_code.clone(), version, e.name.clone()]);
+            }
+            out.push('\n');
+            out.push_str(&t.render());
+        }
+        out
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct WithdrawView {
+    pub via: String,
+    pub catalog_version: u64,
+    pub withdrawn: Vec<String>,
+}
+
+impl WithdrawView {
+    pub fn human(&self) -> String {
+        format!(
+            "withdrew {} entr{} via {} (catalog version {}): {}\n",
+            self.withdrawn.len(),
+            if self.withdrawn.len() == 1 { "y" } else { "ies" },
+            self.via,
+            self.catalog_version,
+            self.withdrawn.join(", ")
+        )
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct ChangeView {
+    pub version: u64,
+    /// `upsert` or `withdraw`.
+    pub kind: String,
+    pub resource_code: String,
+    pub name: String,
+    pub entry: Option<CatalogEntrySpec>,
+}
+
+impl From<CatalogChange> for ChangeView {
+    fn from(c: CatalogChange) -> Self {
+        let kind = match ChangeKind::try_from(c.kind) {
+            Ok(ChangeKind::Upsert) => "upsert".to_string(),
+            Ok(ChangeKind::Withdraw) => "withdraw".to_string(),
+            _ => format!("unknown({})", c.kind),
+        };
+        let entry: Option<CatalogEntrySpec> = c.entry.map(Into::into);
+        ChangeView {
+            version: c.version,
+            kind,
+            resource_code: entry.as_ref().map(|e| e.resource_code.clone()).unwrap_or_default(),
+            name: entry.as_ref().map(|e| e.name.clone()).unwrap_or_default(),
+            entry,
+        }
+    }
+}
+
+impl ChangeView {
+    /// One line per change; the name goes last so the fixed-width columns before it stay aligned.
+    pub fn human(&self) -> String {
+        format!("{:>8}  {:<8}  {:<20}  {}", self.version, self.kind, self.resource_code, self.name)
+    }
+}
+
+// ---- nodes ----
+
+pub fn node_status_word(status: i32) -> &'static str {
+    match NodeStatus::try_from(status) {
+        Ok(NodeStatus::Online) => "online",
+        Ok(NodeStatus::Offline) => "offline",
+        _ => "unknown",
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct NodeView {
+    pub department: String,
+    pub node_name: String,
+    pub address: String,
+    /// `online`, `offline` or `unknown`.
+    pub status: String,
+    pub registered_at_unix_ms: i64,
+    pub last_heartbeat_unix_ms: i64,
+    pub lease_expires_unix_ms: i64,
+    pub software_version: String,
+}
+
+impl From<NodeInfo> for NodeView {
+    fn from(n: NodeInfo) -> Self {
+        NodeView {
+            status: node_status_word(n.status).to_string(),
+            department: n.department,
+            node_name: n.node_name,
+            address: n.address,
+            registered_at_unix_ms: n.registered_at_unix_ms,
+            last_heartbeat_unix_ms: n.last_heartbeat_unix_ms,
+            lease_expires_unix_ms: n.lease_expires_unix_ms,
+            software_version: n.software_version,
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct NodesView {
+    pub nodes: Vec<NodeView>,
+}
+
+impl NodesView {
+    pub fn human(&self, now_ms: i64) -> String {
+        if self.nodes.is_empty() {
+            return "no nodes registered\n".to_string();
+        }
+        let mut t = Table::new(&["department", "name", "status", "address", "last heartbeat", "version"]);
+        for n in &self.nodes {
+            t.row([
+                n.department.clone(),
+                n.node_name.clone(),
+                n.status.clone(),
+                n.address.clone(),
+                format_age(now_ms, n.last_heartbeat_unix_ms),
+                n.software_version.clone(),
+            ]);
+        }
+        t.render()
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct NodeStatusView {
+    pub department: String,
+    pub node_name: String,
+    pub address: String,
+    pub software_version: String,
+    pub started_at_unix_ms: i64,
+    pub registered: bool,
+    pub last_heartbeat_ok_unix_ms: i64,
+    pub last_directory_error: String,
+    pub published_entries: u64,
+    pub catalog_version: u64,
+}
+
+impl From<NodeStatusResponse> for NodeStatusView {
+    fn from(s: NodeStatusResponse) -> Self {
+        NodeStatusView {
+            department: s.department,
+            node_name: s.node_name,
+            address: s.address,
+            software_version: s.software_version,
+            started_at_unix_ms: s.started_at_unix_ms,
+            registered: s.registered,
+            last_heartbeat_ok_unix_ms: s.last_heartbeat_ok_unix_ms,
+            last_directory_error: s.last_directory_error,
+            published_entries: s.published_entries,
+            catalog_version: s.catalog_version,
+        }
+    }
+}
+
+impl NodeStatusView {
+    pub fn human(&self, now_ms: i64) -> String {
+        let rows = [
+            ("node", format!("{}/{}", self.department, self.node_name)),
+            ("address", self.address.clone()),
+            ("software", self.software_version.clone()),
+            ("started", format!("{} ({})", format_unix(self.started_at_unix_ms / 1000), format_age(now_ms, self.started_at_unix_ms))),
+            ("registered", if self.registered { "yes".into() } else { "no".into() }),
+            ("last heartbeat", format_age(now_ms, self.last_heartbeat_ok_unix_ms)),
+            ("published", format!("{} entries", self.published_entries)),
+            ("catalog version", self.catalog_version.to_string()),
+            ("directory error", if self.last_directory_error.is_empty() { "-".into() } else { self.last_directory_error.clone() }),
+        ];
+        rows.iter().map(|(k, v)| format!("{k:<16}{v}\n")).collect()
+    }
+}
+
+// ---- identities and certificates ----
+
+#[derive(Debug, Serialize)]
+pub struct WhoAmIView {
+    pub department: String,
+    pub role: String,
+    pub name: String,
+    pub serial_hex: String,
+}
+
+impl From<WhoAmIResponse> for WhoAmIView {
+    fn from(w: WhoAmIResponse) -> Self {
+        WhoAmIView { department: w.department, role: w.role, name: w.name, serial_hex: w.serial_hex }
+    }
+}
+
+impl WhoAmIView {
+    pub fn human(&self) -> String {
+        format!(
+            "department  {}\nrole        {}\nname        {}\nserial      {}\n",
+            self.department, self.role, self.name, self.serial_hex
+        )
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct RevocationView {
+    pub serial_hex: String,
+    pub department: String,
+    pub reason: String,
+    pub revoked_by: String,
+    pub revoked_at_unix_ms: i64,
+}
+
+impl From<Revocation> for RevocationView {
+    fn from(r: Revocation) -> Self {
+        RevocationView {
+            serial_hex: r.serial_hex,
+            department: r.department,
+            reason: r.reason,
+            revoked_by: r.revoked_by,
+            revoked_at_unix_ms: r.revoked_at_unix_ms,
+        }
+    }
+}
+
+impl RevocationView {
+    pub fn human(&self) -> String {
+        let mut out = format!("revoked certificate {}", self.serial_hex);
+        if !self.department.is_empty() {
+            let _ = write!(out, " of department {}", self.department);
+        }
+        let _ = write!(out, " at {}", format_unix(self.revoked_at_unix_ms / 1000));
+        if !self.revoked_by.is_empty() {
+            let _ = write!(out, " by {}", self.revoked_by);
+        }
+        if !self.reason.is_empty() {
+            let _ = write!(out, "\nreason: {}", self.reason);
+        }
+        out.push('\n');
+        out
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct CertView {
+    pub path: String,
+    pub identity_uri: String,
+    pub department: String,
+    pub role: String,
+    pub name: String,
+    pub serial_hex: String,
+    pub not_after_unix: i64,
+    pub expired: bool,
+}
+
+impl CertView {
+    pub fn human(&self) -> String {
+        let now = now_unix_ms() / 1000;
+        let days_left = (self.not_after_unix - now) / 86_400;
+        let expiry = if self.expired {
+            format!("{} (EXPIRED)", format_unix(self.not_after_unix))
+        } else {
+            format!("{} (in {days_left} days)", format_unix(self.not_after_unix))
+        };
+        format!(
+            "file        {}\nidentity    {}\ndepartment  {}\nrole        {}\nname        {}\nserial      {}\nexpires     {}\n",
+            self.path, self.identity_uri, self.department, self.role, self.name, self.serial_hex, expiry
+        )
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct IssuedView {
+    pub cert: String,
+    pub key: String,
+    pub serial_hex: String,
+    /// Empty for a CA.
+    pub identity_uri: String,
+}
+
+impl IssuedView {
+    pub fn human(&self) -> String {
+        let mut out = format!("wrote {}\nwrote {}\nserial      {}\n", self.cert, self.key, self.serial_hex);
+        if !self.identity_uri.is_empty() {
+            let _ = writeln!(out, "identity    {}", self.identity_uri);
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use exchange_proto::v1::{CatalogEntry, SearchHit, ShareType};
+
+    fn entry(code: &str, name: &str) -> CatalogEntry {
+        CatalogEntry {
+            resource_code: code.into(),
+            name: name.into(),
+            provider_code: "commerce".into(),
+            share_type: ShareType::Conditional as i32,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn search_table_has_hits_facets_and_next_token() {
+        let page = SearchCatalogResponse {
+            hits: vec![
+                SearchHit { entry: Some(entry("101001/000001", "企业登记信息")), score: 12.5 },
+                SearchHit { entry: Some(entry("302001/000001", "行政处罚信息")), score: 3.0 },
+            ],
+            total_hits: 7,
+            next_page_token: "abc".into(),
+            provider_facets: vec![FacetCount { value: "commerce".into(), count: 7 }],
+            share_type_facets: vec![FacetCount { value: "conditional".into(), count: 7 }],
+            classification_facets: vec![],
+            catalog_version: 42,
+        };
+        let text = SearchView::from_pages(vec![page]).human();
+        assert!(text.starts_with("2 of 7 hits (catalog version 42)\n"), "{text}");
+        assert!(text.contains("101001/000001  企业登记信息  commerce  conditional   12.50"), "{text}");
+        assert!(text.contains("providers: commerce 7"), "{text}");
+        assert!(!text.contains("classes:"), "{text}");
+        assert!(text.contains("next page: --page-token abc"), "{text}");
+    }
+
+    #[test]
+    fn merged_pages_keep_first_totals_and_last_token() {
+        let p1 = SearchCatalogResponse {
+            hits: vec![SearchHit { entry: Some(entry("1/000001", "a")), score: 1.0 }],
+            total_hits: 2,
+            next_page_token: "t".into(),
+            ..Default::default()
+        };
+        let p2 = SearchCatalogResponse {
+            hits: vec![SearchHit { entry: Some(entry("1/000002", "b")), score: 0.5 }],
+            total_hits: 2,
+            ..Default::default()
+        };
+        let view = SearchView::from_pages(vec![p1, p2]);
+        assert_eq!(view.hits.len(), 2);
+        assert!(view.next_page_token.is_empty());
+        let json = serde_json::to_value(&view).unwrap();
+        assert_eq!(json["hits"][1]["entry"]["resource_code"], "1/000002");
+        assert_eq!(json["hits"][0]["entry"]["share_type"], "conditional");
+    }
+
+    #[test]
+    fn ages_and_dates() {
+        let now = 1_000_000_000;
+        assert_eq!(format_age(now, 0), "never");
+        assert_eq!(format_age(now, now - 5_000), "5s ago");
+        assert_eq!(format_age(now, now - 600_000), "10m ago");
+        assert_eq!(format_age(now, now - 3 * 3_600_000), "3h ago");
+        assert_eq!(format_age(now, now - 3 * 86_400_000), "3d ago");
+        assert_eq!(format_age(now, now + 5_000), "just now");
+        assert_eq!(format_unix(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(format_unix(1_767_225_600), "2026-01-01 00:00:00 UTC");
+    }
+
+    #[test]
+    fn change_line_and_json_line() {
+        let c = CatalogChange { version: 9, kind: ChangeKind::Withdraw as i32, entry: Some(entry("101001/000001", "企业登记信息")) };
+        let v = ChangeView::from(c);
+        assert_eq!(v.human(), "       9  withdraw  101001/000001         企业登记信息");
+        let line = serde_json::to_string(&v).unwrap();
+        assert!(!line.contains('\n'));
+        assert!(line.contains("\"kind\":\"withdraw\""));
+    }
+
+    #[test]
+    fn nodes_table() {
+        let now = 10_000_000;
+        let view = NodesView {
+            nodes: vec![NodeInfo {
+                department: "tax".into(),
+                node_name: "tax-node".into(),
+                address: "127.0.0.1:7401".into(),
+                status: NodeStatus::Online as i32,
+                last_heartbeat_unix_ms: now - 3_000,
+                software_version: "0.1.0".into(),
+                ..Default::default()
+            }
+            .into()],
+        };
+        let text = view.human(now);
+        assert!(text.contains("tax         tax-node  online  127.0.0.1:7401  3s ago          0.1.0"), "{text}");
+    }
+
+    #[test]
+    fn entry_detail_labels_legal_basis_for_not_shared() {
+        let mut e = CatalogEntrySpec::from(&entry("301001/000004", "个人所得税纳税记录"));
+        e.share_type = "not_shared".into();
+        e.share_condition = "依据《中华人民共和国税收征收管理法》第八条".into();
+        let text = entry_human(&e);
+        assert!(text.contains("legal basis     依据"), "{text}");
+    }
+}

@@ -1,0 +1,171 @@
+//! The directory's configuration file (TOML), read into one typed [`Config`].
+//!
+//! ```toml
+//! listen = "0.0.0.0:7443"            # where the directory accepts mutual-TLS gRPC
+//! data_dir = "/var/lib/gov-exchange/directory"
+//! lease_ttl_seconds = 15             # optional; a node is OFFLINE this long after its last heartbeat
+//! max_connections = 1024             # optional; further clients wait in the kernel backlog
+//! log_format = "text"                # optional; "text" or "json"
+//!
+//! [tls]                              # the directory's own certificate must have role `directory`
+//! ca = "pki/ca.crt"
+//! cert = "pki/directory.crt"
+//! key = "pki/directory.key"
+//! ```
+//!
+//! Relative paths in a file read with [`Config::from_file`] are resolved against the file's own folder, so a
+//! config works the same from any working directory (and under a service manager). Unknown keys are
+//! refused, so a misspelt option is an error instead of a silent default.
+
+use std::path::{Path, PathBuf};
+
+use client_sdk::tls::TlsPaths;
+use serde::Deserialize;
+
+/// The default node lease: a node that misses heartbeats for this long is shown OFFLINE.
+pub const DEFAULT_LEASE_TTL_SECONDS: u32 = 15;
+/// The default limit of simultaneously open client connections.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config: {0}")]
+    Invalid(String),
+}
+
+/// How logs are written.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+/// Everything the directory server needs to start.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// `host:port` to listen on (used by the binary; [`crate::server::run`] takes a bound listener).
+    pub listen: String,
+    /// Folder of the sled database; created if missing.
+    pub data_dir: PathBuf,
+    /// The directory's CA, certificate and key.
+    pub tls: TlsPaths,
+    /// Node lease length: a node is ONLINE until this long after its last heartbeat or registration.
+    #[serde(default = "default_lease_ttl")]
+    pub lease_ttl_seconds: u32,
+    /// Most client connections open at once.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    #[serde(default)]
+    pub log_format: LogFormat,
+}
+
+fn default_lease_ttl() -> u32 {
+    DEFAULT_LEASE_TTL_SECONDS
+}
+fn default_max_connections() -> usize {
+    DEFAULT_MAX_CONNECTIONS
+}
+
+impl Config {
+    /// A config with defaults for the optional fields (for tests and embedding).
+    pub fn new(listen: impl Into<String>, data_dir: impl Into<PathBuf>, tls: TlsPaths) -> Self {
+        Config {
+            listen: listen.into(),
+            data_dir: data_dir.into(),
+            tls,
+            lease_ttl_seconds: DEFAULT_LEASE_TTL_SECONDS,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            log_format: LogFormat::Text,
+        }
+    }
+
+    /// Reads and validates a TOML file; relative paths are taken relative to the file's folder.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        let mut config = Self::from_toml_str(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse { path: path.to_path_buf(), message },
+            other => other,
+        })?;
+        let base = path.parent().unwrap_or_else(|| Path::new("."));
+        for p in [&mut config.data_dir, &mut config.tls.ca, &mut config.tls.cert, &mut config.tls.key] {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        Ok(config)
+    }
+
+    /// Parses and validates TOML text (paths are left as written).
+    pub fn from_toml_str(text: &str) -> Result<Self, ConfigError> {
+        let config: Config =
+            toml::from_str(text).map_err(|e| ConfigError::Parse { path: PathBuf::new(), message: e.to_string() })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks the values serde cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !(1..=86_400).contains(&self.lease_ttl_seconds) {
+            return Err(ConfigError::Invalid(format!(
+                "lease_ttl_seconds must be 1-86400, got {}",
+                self.lease_ttl_seconds
+            )));
+        }
+        if self.max_connections == 0 {
+            return Err(ConfigError::Invalid("max_connections must be at least 1".into()));
+        }
+        if self.listen.trim().is_empty() {
+            return Err(ConfigError::Invalid("listen must be host:port".into()));
+        }
+        Ok(())
+    }
+
+    /// How often nodes are told to heartbeat: three beats per lease, so one lost beat does not expire it.
+    pub fn heartbeat_interval_seconds(&self) -> u32 {
+        (self.lease_ttl_seconds / 3).max(1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_relative_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("directory.toml");
+        std::fs::write(
+            &path,
+            "listen = \"127.0.0.1:7443\"\ndata_dir = \"data\"\n[tls]\nca = \"pki/ca.crt\"\ncert = \"/abs/d.crt\"\nkey = \"pki/d.key\"\n",
+        )
+        .unwrap();
+        let c = Config::from_file(&path).unwrap();
+        assert_eq!(c.lease_ttl_seconds, 15);
+        assert_eq!(c.max_connections, 1024);
+        assert_eq!(c.log_format, LogFormat::Text);
+        assert_eq!(c.data_dir, dir.path().join("data"));
+        assert_eq!(c.tls.ca, dir.path().join("pki/ca.crt"));
+        assert_eq!(c.tls.cert, PathBuf::from("/abs/d.crt"));
+        assert_eq!(c.heartbeat_interval_seconds(), 5);
+    }
+
+    #[test]
+    fn refuses_unknown_keys_and_bad_values() {
+        let base = "listen = \"x:1\"\ndata_dir = \"d\"\n[tls]\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\n";
+        assert!(Config::from_toml_str(base).is_ok());
+        assert!(Config::from_toml_str(&format!("lease_ttl = 3\n{base}")).is_err());
+        assert!(Config::from_toml_str(&format!("lease_ttl_seconds = 0\n{base}")).is_err());
+        assert!(Config::from_toml_str(&format!("log_format = \"xml\"\n{base}")).is_err());
+        let json = Config::from_toml_str(&format!("log_format = \"json\"\n{base}")).unwrap();
+        assert_eq!(json.log_format, LogFormat::Json);
+    }
+}

@@ -1,0 +1,131 @@
+//! Every way a directory call can fail, and the one place those failures become gRPC statuses.
+//!
+//! Handlers return `Result<_, DirectoryError>`; `From<DirectoryError> for Status` is the only mapping, so
+//! a client sees the same code for the same problem on every method:
+//!
+//! | variant | code | details |
+//! |---|---|---|
+//! | `InvalidArgument` | `INVALID_ARGUMENT` | google.rpc.BadRequest, one field violation per bad field |
+//! | `PermissionDenied` | `PERMISSION_DENIED` | |
+//! | `NotFound` | `NOT_FOUND` | |
+//! | `FailedPrecondition` | `FAILED_PRECONDITION` | |
+//! | `OutOfRange` | `OUT_OF_RANGE` | |
+//! | `Auth` | as produced by `client_sdk::auth` | passed through |
+//! | `Store`, `Internal`, `Search(Index)` | `INTERNAL` | message logged, generic text sent |
+//! | `Search(InvalidArgument)` | `INVALID_ARGUMENT` | one field violation |
+//! | `ShuttingDown` | `UNAVAILABLE` | |
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
+
+use crate::search::SearchError;
+use crate::store::StoreError;
+
+/// One bad request field: a path like `entries[3].data_items[0].name` and what is wrong with it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Violation {
+    pub field: String,
+    pub description: String,
+}
+
+impl Violation {
+    pub fn new(field: impl Into<String>, description: impl Into<String>) -> Self {
+        Violation { field: field.into(), description: description.into() }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DirectoryError {
+    /// The request is malformed; `violations` is never empty.
+    #[error("{}", invalid_message(.violations))]
+    InvalidArgument { violations: Vec<Violation> },
+    #[error("{0}")]
+    PermissionDenied(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{0}")]
+    OutOfRange(String),
+    /// A status already produced by `client_sdk::auth` (role checks, a missing interceptor).
+    #[error("{}", .0.message())]
+    Auth(Status),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Search(#[from] SearchError),
+    #[error("internal error: {0}")]
+    Internal(String),
+    #[error("the directory is shutting down")]
+    ShuttingDown,
+}
+
+fn invalid_message(violations: &[Violation]) -> String {
+    match violations {
+        [] => "invalid request".to_string(),
+        [one] => format!("invalid request: {}: {}", one.field, one.description),
+        [first, rest @ ..] => {
+            format!("invalid request: {}: {} (and {} more field violations)", first.field, first.description, rest.len())
+        }
+    }
+}
+
+impl DirectoryError {
+    /// A single bad field.
+    pub fn invalid(field: impl Into<String>, description: impl Into<String>) -> Self {
+        DirectoryError::InvalidArgument { violations: vec![Violation::new(field, description)] }
+    }
+}
+
+impl From<DirectoryError> for Status {
+    fn from(err: DirectoryError) -> Status {
+        match err {
+            DirectoryError::InvalidArgument { violations } => bad_request(invalid_message(&violations), violations),
+            DirectoryError::PermissionDenied(m) => Status::permission_denied(m),
+            DirectoryError::NotFound(m) => Status::not_found(m),
+            DirectoryError::FailedPrecondition(m) => Status::failed_precondition(m),
+            DirectoryError::OutOfRange(m) => Status::out_of_range(m),
+            DirectoryError::Auth(status) => status,
+            DirectoryError::Search(SearchError::InvalidArgument { field, reason }) => {
+                let v = Violation::new(field, reason);
+                bad_request(invalid_message(std::slice::from_ref(&v)), vec![v])
+            }
+            DirectoryError::ShuttingDown => Status::unavailable("the directory is shutting down; retry"),
+            e @ (DirectoryError::Store(_) | DirectoryError::Search(SearchError::Index(_)) | DirectoryError::Internal(_)) => {
+                // The detail may name disk paths or engine internals: log it, send a generic message.
+                tracing::error!(error = %e, "request failed");
+                Status::internal("internal directory error (logged on the directory)")
+            }
+        }
+    }
+}
+
+fn bad_request(message: String, violations: Vec<Violation>) -> Status {
+    let fvs: Vec<FieldViolation> = violations.into_iter().map(|v| FieldViolation::new(v.field, v.description)).collect();
+    Status::with_error_details(Code::InvalidArgument, message, ErrorDetails::with_bad_request(fvs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invalid_argument_carries_one_field_violation_per_field() {
+        let status: Status = DirectoryError::InvalidArgument {
+            violations: vec![Violation::new("entries[0].name", "empty"), Violation::new("entries[1].summary", "empty")],
+        }
+        .into();
+        assert_eq!(status.code(), Code::InvalidArgument);
+        let br = status.get_details_bad_request().expect("bad request details");
+        let fields: Vec<&str> = br.field_violations.iter().map(|v| v.field.as_str()).collect();
+        assert_eq!(fields, ["entries[0].name", "entries[1].summary"]);
+        assert!(status.message().contains("1 more"));
+    }
+
+    #[test]
+    fn internal_errors_do_not_leak_details() {
+        let status: Status = DirectoryError::Store(StoreError::Backend("/secret/path: EIO".into())).into();
+        assert_eq!(status.code(), Code::Internal);
+        assert!(!status.message().contains("/secret"));
+    }
+}
