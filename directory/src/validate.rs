@@ -407,7 +407,7 @@ pub fn check_search(req: &SearchCatalogRequest) -> Vec<Violation> {
     if !p.is_empty() && (p.len() > 9 || !p.bytes().all(|b| b.is_ascii_digit()) || !matches!(p.as_bytes()[0], b'1'..=b'3')) {
         out.push(Violation::new("classification_prefix", format!("must be up to 9 digits starting with 1, 2 or 3, got {p:?}")));
     }
-    if let Err(e) = check_text(&req.query, false, 1000, false) {
+    if let Err(e) = check_text(&req.query, false, crate::search::MAX_QUERY_CHARS, false) {
         out.push(Violation::new("query", e));
     }
     out

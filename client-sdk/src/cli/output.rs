@@ -596,7 +596,7 @@ mod tests {
         };
         let text = SearchView::from_pages(vec![page]).human();
         assert!(text.starts_with("2 of 7 hits (catalog version 42)\n"), "{text}");
-        assert!(text.contains("101001/000001  企业登记信息  commerce  conditional   12.50"), "{text}");
+        assert!(text.contains("101001/000001  企业登记信息  commerce  conditional  12.50"), "{text}");
         assert!(text.contains("providers: commerce 7"), "{text}");
         assert!(!text.contains("classes:"), "{text}");
         assert!(text.contains("next page: --page-token abc"), "{text}");

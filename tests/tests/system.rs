@@ -1,0 +1,304 @@
+//! End-to-end: the real `directory`, `exchange-node` and `exchangectl` binaries, a PKI made with
+//! `exchangectl pki`, three department nodes publishing the sample catalogs, all over mutual TLS on
+//! 127.0.0.1 with sled stores in a temporary directory.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use e2e_tests::procs::{bin_path, free_port, wait_for, Proc};
+use serde_json::Value;
+
+const DEPTS: [&str; 3] = ["tax", "commerce", "quality"];
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("repo root").to_path_buf()
+}
+
+/// A temporary installation: PKI, configs, data and logs under one folder.
+struct Site {
+    home: tempfile::TempDir,
+    directory_port: u16,
+}
+
+impl Site {
+    fn new() -> Site {
+        let site = Site { home: tempfile::tempdir().expect("tempdir"), directory_port: free_port() };
+        for d in ["pki", "config", "data", "logs"] {
+            std::fs::create_dir_all(site.path(d)).unwrap();
+        }
+        site
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.home.path().join(rel)
+    }
+
+    fn pki(&self) -> String {
+        self.path("pki").display().to_string()
+    }
+
+    fn directory_addr(&self) -> String {
+        format!("127.0.0.1:{}", self.directory_port)
+    }
+
+    /// Runs exchangectl as certificate `identity`; returns (success, stdout, stderr).
+    fn ctl(&self, identity: &str, args: &[&str]) -> (bool, String, String) {
+        let pki = self.pki();
+        let dir = self.directory_addr();
+        let mut all = vec!["--pki-dir", &pki, "--identity", identity, "--directory", &dir];
+        all.extend_from_slice(args);
+        let out = e2e_tests::procs::exchangectl(&all);
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// exchangectl --json as `identity`, which must succeed; the parsed document.
+    fn ctl_json(&self, identity: &str, args: &[&str]) -> Value {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        let (ok, out, err) = self.ctl(identity, &all);
+        assert!(ok, "exchangectl {args:?} failed:\n{out}\n{err}");
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("exchangectl {args:?}: not JSON ({e}):\n{out}"))
+    }
+
+    fn issue(&self, dept: &str, role: &str, name: &str) {
+        let pki = self.pki();
+        let out = e2e_tests::procs::exchangectl(&["pki", "issue", "--dir", &pki, "--dept", dept, "--role", role, "--name", name]);
+        assert!(out.status.success(), "pki issue {name}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    fn init_pki(&self) {
+        let pki = self.pki();
+        let out = e2e_tests::procs::exchangectl(&["pki", "init", "--dir", &pki]);
+        assert!(out.status.success(), "pki init: {}", String::from_utf8_lossy(&out.stderr));
+        self.issue("central", "directory", "directory");
+        self.issue("central", "operator", "central-operator");
+        for d in DEPTS {
+            self.issue(d, "node", &format!("{d}-node"));
+            self.issue(d, "operator", &format!("{d}-operator"));
+            self.issue(d, "app", &format!("{d}-app"));
+        }
+    }
+
+    fn write_directory_config(&self, cert_name: &str, lease_ttl: u32) -> PathBuf {
+        let pki = self.path("pki");
+        let path = self.path("config/directory.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "listen = \"{addr}\"\ndata_dir = \"{data}\"\nlease_ttl_seconds = {lease_ttl}\n\n[tls]\nca = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{key}\"\n",
+                addr = self.directory_addr(),
+                data = self.path("data/directory").display(),
+                ca = pki.join("ca.crt").display(),
+                cert = pki.join(format!("{cert_name}.crt")).display(),
+                key = pki.join(format!("{cert_name}.key")).display(),
+            ),
+        )
+        .unwrap();
+        path
+    }
+
+    fn start_directory(&self) -> Proc {
+        let config = self.path("config/directory.toml");
+        let proc = Proc::start("directory", "directory", &["--config", config.to_str().unwrap()], &self.path("logs/directory.log"));
+        wait_for("the directory to answer", Duration::from_secs(30), || self.ctl("central-operator", &["whoami"]).0.then_some(()));
+        proc
+    }
+
+    fn start_node(&self, dept: &str, port: u16) -> Proc {
+        let pki = self.path("pki");
+        let path = self.path(&format!("config/{dept}-node.toml"));
+        std::fs::write(
+            &path,
+            format!(
+                "listen = \"127.0.0.1:{port}\"\nadvertise_address = \"127.0.0.1:{port}\"\ndirectory_address = \"{dir}\"\ndata_dir = \"{data}\"\ncatalog_file = \"{catalog}\"\n\n[tls]\nca = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{key}\"\n",
+                dir = self.directory_addr(),
+                data = self.path(&format!("data/{dept}-node")).display(),
+                catalog = repo_root().join(format!("deploy/local/catalog/{dept}.toml")).display(),
+                ca = pki.join("ca.crt").display(),
+                cert = pki.join(format!("{dept}-node.crt")).display(),
+                key = pki.join(format!("{dept}-node.key")).display(),
+            ),
+        )
+        .unwrap();
+        Proc::start(&format!("{dept}-node"), "exchange-node", &["--config", path.to_str().unwrap()], &self.path(&format!("logs/{dept}-node.log")))
+    }
+
+    fn node_status(&self, dept: &str) -> Option<String> {
+        let nodes = self.ctl_json("central-operator", &["nodes"]);
+        nodes["nodes"].as_array()?.iter().find(|n| n["department"] == dept).map(|n| n["status"].as_str().unwrap_or("").to_string())
+    }
+}
+
+fn sample_entry_count() -> u64 {
+    DEPTS
+        .iter()
+        .map(|d| {
+            let text = std::fs::read_to_string(repo_root().join(format!("deploy/local/catalog/{d}.toml"))).unwrap();
+            text.lines().filter(|l| l.trim() == "[[entries]]").count() as u64
+        })
+        .sum()
+}
+
+fn codes(search: &Value) -> Vec<String> {
+    search["hits"].as_array().unwrap().iter().map(|h| h["entry"]["resource_code"].as_str().unwrap().to_string()).collect()
+}
+
+#[test]
+fn three_departments_register_publish_search_and_survive_restart() {
+    let site = Site::new();
+    site.init_pki();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        for key in ["ca.key", "tax-node.key", "central-operator.key"] {
+            let mode = std::fs::metadata(site.path("pki").join(key)).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{key} must be private");
+        }
+    }
+    site.write_directory_config("directory", 2);
+    let mut directory = site.start_directory();
+    let ports: Vec<u16> = DEPTS.iter().map(|_| free_port()).collect();
+    let mut nodes: Vec<Proc> = DEPTS.iter().zip(&ports).map(|(d, p)| site.start_node(d, *p)).collect();
+
+    // Every node registers and publishes its sample catalog.
+    let expected = sample_entry_count();
+    wait_for("three nodes online and every sample entry published", Duration::from_secs(60), || {
+        let online = DEPTS.iter().all(|d| site.node_status(d).as_deref() == Some("online"));
+        let all = site.ctl_json("central-operator", &["catalog", "search", "--page-size", "1"]);
+        (online && all["total_hits"].as_u64() == Some(expected)).then_some(())
+    });
+
+    // Chinese full text with word segmentation: `企业 登记` finds 企业登记信息.
+    let found = site.ctl_json("tax-app", &["catalog", "search", "企业 登记"]);
+    assert!(codes(&found).contains(&"101001/000001".to_string()), "{found}");
+    assert_eq!(found["hits"][0]["entry"]["resource_code"], "101001/000001", "best match first: {found}");
+    let entry = site.ctl_json("quality-app", &["catalog", "get", "101001/000001"]);
+    assert_eq!(entry["provider_code"], "commerce");
+    assert_eq!(entry["name"], "企业登记信息");
+    let conditional = site.ctl_json("tax-app", &["catalog", "search", "--provider", "commerce", "--share-type", "conditional"]);
+    assert!(conditional["total_hits"].as_u64().unwrap() > 0);
+    for hit in conditional["hits"].as_array().unwrap() {
+        assert_eq!(hit["entry"]["provider_code"], "commerce");
+        assert_eq!(hit["entry"]["share_type"], "conditional");
+    }
+
+    // An app publishes through its own node; another department's app may not use that node.
+    let extra = site.path("config/extra.toml");
+    let tax_catalog = std::fs::read_to_string(repo_root().join("deploy/local/catalog/tax.toml")).unwrap();
+    let first = tax_catalog.split("[[entries]]").nth(1).unwrap();
+    let new_entry = first.replacen("101002/000001", "101002/000099", 1).replacen("name = \"", "name = \"测试新增", 1);
+    std::fs::write(&extra, format!("[[entries]]{new_entry}")).unwrap();
+    let tax_node = format!("127.0.0.1:{}", ports[0]);
+    let published = site.ctl_json("tax-app", &["catalog", "publish", "--file", extra.to_str().unwrap(), "--node", &tax_node]);
+    assert!(published["catalog_version"].as_u64().unwrap() > expected - 1);
+    assert_eq!(site.ctl_json("commerce-app", &["catalog", "get", "101002/000099"])["provider_code"], "tax");
+    let (ok, _, err) = site.ctl("commerce-app", &["catalog", "publish", "--file", extra.to_str().unwrap(), "--node", &tax_node]);
+    assert!(!ok && err.to_lowercase().contains("permission"), "{err}");
+    // A forged provider: commerce's operator publishing tax's file directly.
+    let (ok, _, err) = site.ctl("commerce-operator", &["catalog", "publish", "--file", extra.to_str().unwrap()]);
+    assert!(!ok && err.to_lowercase().contains("permission"), "{err}");
+
+    // A crashed node's lease lapses and the directory shows it offline.
+    nodes[2].kill();
+    wait_for("quality node offline", Duration::from_secs(20), || (site.node_status("quality").as_deref() == Some("offline")).then_some(()));
+    assert_eq!(site.node_status("tax").as_deref(), Some("online"));
+
+    // Restart the directory: same entries, same version, same search results.
+    let before = site.ctl_json("central-operator", &["catalog", "search", "企业 登记"]);
+    assert!(directory.stop(), "directory exits cleanly on SIGTERM:\n{}", directory.log_text());
+    let mut directory = site.start_directory();
+    let after = site.ctl_json("central-operator", &["catalog", "search", "企业 登记"]);
+    assert_eq!(codes(&before), codes(&after));
+    assert_eq!(before["catalog_version"], after["catalog_version"]);
+    let added = site.ctl_json("central-operator", &["catalog", "get", "101002/000099"]);
+    assert!(added["name"].as_str().unwrap().starts_with("测试新增"), "{added}");
+
+    // Revocation by the central operator: the tax app is refused from then on.
+    assert!(site.ctl("tax-app", &["whoami"]).0);
+    let cert = site.path("pki/tax-app.crt");
+    let revoked = site.ctl_json("central-operator", &["pki", "revoke", "--cert-file", cert.to_str().unwrap(), "--reason", "test"]);
+    assert!(revoked.to_string().contains("tax"), "{revoked}");
+    let (ok, _, err) = site.ctl("tax-app", &["whoami"]);
+    assert!(!ok, "a revoked certificate must be refused: {err}");
+    // ...while the tax node keeps working.
+    assert_eq!(site.node_status("tax").as_deref(), Some("online"));
+
+    for n in nodes.iter_mut().take(2) {
+        assert!(n.stop(), "{} exits cleanly on SIGTERM:\n{}", n.name, n.log_text());
+    }
+    assert!(directory.stop());
+}
+
+#[test]
+fn directory_refuses_to_start_with_a_non_directory_certificate() {
+    let site = Site::new();
+    site.init_pki();
+    site.write_directory_config("tax-node", 15);
+    let config = site.path("config/directory.toml");
+    let out = std::process::Command::new(bin_path("directory")).args(["--config", config.to_str().unwrap()]).output().unwrap();
+    assert!(!out.status.success());
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("role"), "the error names the role problem: {text}");
+}
+
+#[test]
+fn catalog_watch_streams_every_change_in_order_and_resumes() {
+    let site = Site::new();
+    site.init_pki();
+    site.write_directory_config("directory", 15);
+    let _directory = site.start_directory();
+    let watch_log = site.path("logs/watch.log");
+    let pki = site.pki();
+    let dir = site.directory_addr();
+    let mut watch = Proc::start(
+        "watch",
+        "exchangectl",
+        &["--pki-dir", &pki, "--identity", "tax-app", "--directory", &dir, "--json", "catalog", "watch", "--from", "0"],
+        &watch_log,
+    );
+    for d in ["tax", "commerce"] {
+        let file = repo_root().join(format!("deploy/local/catalog/{d}.toml"));
+        site.ctl_json(&format!("{d}-operator"), &["catalog", "publish", "--file", file.to_str().unwrap()]);
+    }
+    let (ok, _, err) = site.ctl("tax-operator", &["catalog", "withdraw", "101002/000001"]);
+    assert!(ok, "{err}");
+    let total = site.ctl_json("tax-app", &["catalog", "search", "--page-size", "1"])["catalog_version"].as_u64().unwrap();
+    let versions = |text: &str| -> Vec<u64> {
+        text.lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()).filter_map(|v| v["version"].as_u64()).collect()
+    };
+    let seen = wait_for("the watcher to see every change", Duration::from_secs(20), || {
+        let v = versions(&std::fs::read_to_string(&watch_log).unwrap_or_default());
+        (v.len() as u64 == total).then_some(v)
+    });
+    assert_eq!(seen, (1..=total).collect::<Vec<_>>(), "every version once, in order");
+    let text = std::fs::read_to_string(&watch_log).unwrap();
+    let last: Value = serde_json::from_str(text.lines().filter(|l| l.starts_with('{')).last().unwrap()).unwrap();
+    assert_eq!(last["kind"], "withdraw");
+    watch.kill();
+
+    // Resume from the middle: exactly the rest.
+    let resume_log = site.path("logs/watch2.log");
+    let from = (total / 2).to_string();
+    let mut resumed = Proc::start(
+        "watch-resume",
+        "exchangectl",
+        &["--pki-dir", &pki, "--identity", "tax-app", "--directory", &dir, "--json", "catalog", "watch", "--from", &from],
+        &resume_log,
+    );
+    let rest = wait_for("the resumed watcher", Duration::from_secs(20), || {
+        let v = versions(&std::fs::read_to_string(&resume_log).unwrap_or_default());
+        (v.len() as u64 == total - total / 2).then_some(v)
+    });
+    assert_eq!(rest, (total / 2 + 1..=total).collect::<Vec<_>>());
+    resumed.kill();
+
+    // A version that does not exist yet is refused.
+    let future = (total + 100).to_string();
+    let (ok, _, err) = site.ctl("tax-app", &["catalog", "watch", "--from", &future]);
+    assert!(!ok, "watch from a future version must fail");
+    assert!(err.to_lowercase().contains("range") || err.contains("version"), "{err}");
+}
