@@ -302,3 +302,46 @@ fn catalog_watch_streams_every_change_in_order_and_resumes() {
     assert!(!ok, "watch from a future version must fail");
     assert!(err.to_lowercase().contains("range") || err.contains("version"), "{err}");
 }
+
+#[test]
+fn stock_grpc_tools_see_health_and_reflection_over_mtls() {
+    let python = std::env::var("GX_PYTHON").expect(
+        "GX_PYTHON must name a python with grpcio, grpcio-health-checking and grpcio-reflection \
+         (scripts/test.sh sets it up in .venv)",
+    );
+    let site = Site::new();
+    site.init_pki();
+    site.write_directory_config("directory", 15);
+    let _directory = site.start_directory();
+    let node_port = free_port();
+    let _node = site.start_node("tax", node_port);
+    let pki = site.path("pki");
+    let script = repo_root().join("tests/python/stock_grpc_tools.py");
+    let check = |addr: &str, service: &str| {
+        wait_for(&format!("{service} on {addr}"), Duration::from_secs(30), || {
+            let out = std::process::Command::new(&python)
+                .arg(&script)
+                .args([addr, pki.join("ca.crt").to_str().unwrap()])
+                .args([pki.join("tax-app.crt").to_str().unwrap(), pki.join("tax-app.key").to_str().unwrap(), service])
+                .output()
+                .expect("run python");
+            out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+        })
+    };
+    let dir = check(&site.directory_addr(), "govexchange.v1.Directory");
+    assert!(dir.contains("grpc.health.v1.Health"), "{dir}");
+    let node = check(&format!("127.0.0.1:{node_port}"), "govexchange.v1.ExchangeNode");
+    assert!(node.contains("grpc.reflection.v1.ServerReflection") || node.contains("grpc.reflection.v1alpha"), "{node}");
+
+    // Without a client certificate, stock grpcio is refused at the handshake.
+    let code = format!(
+        "import grpc,sys\nfrom grpc_health.v1 import health_pb2, health_pb2_grpc\n\
+         c=grpc.secure_channel('{}', grpc.ssl_channel_credentials(open('{}','rb').read()), options=[('grpc.ssl_target_name_override','localhost')])\n\
+         try:\n    health_pb2_grpc.HealthStub(c).Check(health_pb2.HealthCheckRequest(), timeout=5); sys.exit(0)\n\
+         except grpc.RpcError as e:\n    print(e.code()); sys.exit(3)\n",
+        site.directory_addr(),
+        pki.join("ca.crt").display()
+    );
+    let out = std::process::Command::new(&python).args(["-c", &code]).output().unwrap();
+    assert_eq!(out.status.code(), Some(3), "a client without a certificate must be refused: {}", String::from_utf8_lossy(&out.stderr));
+}

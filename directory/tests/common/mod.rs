@@ -201,7 +201,7 @@ pub async fn get(client: &mut DirectoryClient<Channel>, code: &str, include_with
         .map(|r| r.into_inner())
 }
 
-/// Resource codes and scores of a search, in rank order.
+/// Resource codes and versions of a search's hits, in rank order.
 pub async fn search_codes(client: &mut DirectoryClient<Channel>, query: &str) -> Vec<(String, u64)> {
     let resp = client
         .search_catalog(SearchCatalogRequest { query: query.into(), page_size: 200, ..Default::default() })

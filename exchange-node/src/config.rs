@@ -1,0 +1,168 @@
+//! The node's configuration: one TOML file, one typed [`Config`]. See
+//! `deploy/config/node.example.toml` for a commented example.
+//!
+//! Relative paths in the file (`data_dir`, `catalog_file`, the `[tls]` files) are taken relative to the
+//! folder of the config file, not the working directory, so a deployment folder can be moved or started
+//! from anywhere.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use client_sdk::tls::TlsPaths;
+use serde::Deserialize;
+
+use crate::error::NodeError;
+
+/// Connections served at once before further clients wait in the kernel's backlog.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+/// How long in-flight calls may take to finish after a shutdown signal.
+pub const DEFAULT_SHUTDOWN_GRACE_SECONDS: u64 = 30;
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where the node's gRPC server listens, e.g. `0.0.0.0:7401`.
+    pub listen: SocketAddr,
+    /// `host:port` other nodes and the department's applications reach this node at; registered with the
+    /// directory. Must be a name or address in the node certificate (`exchangectl pki issue --host`).
+    pub advertise_address: String,
+    /// The directory, `host:port`.
+    pub directory_address: String,
+    /// The node's own store (sled), created if missing.
+    pub data_dir: PathBuf,
+    /// The node's CA, certificate (role `node`) and key.
+    pub tls: TlsPaths,
+    /// A catalog file (`[[entries]]`, see `deploy/local/catalog/`) published after the first successful
+    /// registration.
+    #[serde(default)]
+    pub catalog_file: Option<PathBuf>,
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    #[serde(default = "default_grace")]
+    pub shutdown_grace_seconds: u64,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    #[serde(default)]
+    pub format: LogFormat,
+    /// A tracing filter (`info`, `exchange_node=debug,info`); `RUST_LOG` overrides it.
+    #[serde(default = "default_log_filter")]
+    pub filter: String,
+}
+
+/// `text` for people, `json` (one object per line) for log collectors.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+fn default_max_connections() -> usize {
+    DEFAULT_MAX_CONNECTIONS
+}
+fn default_grace() -> u64 {
+    DEFAULT_SHUTDOWN_GRACE_SECONDS
+}
+fn default_log_filter() -> String {
+    "info".to_string()
+}
+
+impl Config {
+    /// Reads, parses and checks the file, and resolves relative paths against its folder.
+    pub fn load(path: &Path) -> Result<Config, NodeError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| NodeError::Config(format!("{}: {e}", path.display())))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Config::from_toml(&text, base).map_err(|e| NodeError::Config(format!("{}: {e}", path.display())))
+    }
+
+    /// Parses and checks TOML text; relative paths are resolved against `base`.
+    pub fn from_toml(text: &str, base: &Path) -> Result<Config, String> {
+        let mut config: Config = toml::from_str(text).map_err(|e| e.to_string())?;
+        config.resolve_paths(base);
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let resolve = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        resolve(&mut self.data_dir);
+        resolve(&mut self.tls.ca);
+        resolve(&mut self.tls.cert);
+        resolve(&mut self.tls.key);
+        if let Some(p) = self.catalog_file.as_mut() {
+            resolve(p);
+        }
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        for (field, value) in [("advertise_address", &self.advertise_address), ("directory_address", &self.directory_address)] {
+            match value.rsplit_once(':') {
+                Some((host, port)) if !host.is_empty() && port.parse::<u16>().map_or(false, |p| p != 0) => {}
+                _ => return Err(format!("{field} = {value:?}: expected host:port")),
+            }
+        }
+        if self.max_connections == 0 {
+            return Err("max_connections must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+listen = "127.0.0.1:7401"
+advertise_address = "tax-node.example:7401"
+directory_address = "127.0.0.1:7400"
+data_dir = "data/tax"
+
+[tls]
+ca = "pki/ca.crt"
+cert = "pki/tax-node.crt"
+key = "/etc/keys/tax-node.key"
+"#;
+
+    #[test]
+    fn minimal_config_gets_defaults_and_resolved_paths() {
+        let c = Config::from_toml(MINIMAL, Path::new("/srv/node")).unwrap();
+        assert_eq!(c.listen, "127.0.0.1:7401".parse().unwrap());
+        assert_eq!(c.data_dir, PathBuf::from("/srv/node/data/tax"));
+        assert_eq!(c.tls.ca, PathBuf::from("/srv/node/pki/ca.crt"));
+        assert_eq!(c.tls.key, PathBuf::from("/etc/keys/tax-node.key"), "absolute paths stay");
+        assert_eq!(c.max_connections, DEFAULT_MAX_CONNECTIONS);
+        assert_eq!(c.log.format, LogFormat::Text);
+        assert_eq!(c.log.filter, "info");
+        assert!(c.catalog_file.is_none());
+    }
+
+    #[test]
+    fn typos_and_bad_addresses_are_refused() {
+        let typo = MINIMAL.replace("[tls]", "max_conections = 5\n[tls]");
+        let err = Config::from_toml(&typo, Path::new(".")).unwrap_err();
+        assert!(err.contains("max_conections"), "{err}");
+        let bad = MINIMAL.replace("tax-node.example:7401", "tax-node.example");
+        let err = Config::from_toml(&bad, Path::new(".")).unwrap_err();
+        assert!(err.contains("advertise_address"), "{err}");
+    }
+
+    #[test]
+    fn example_config_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/config/node.example.toml");
+        let c = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.log.format, LogFormat::Json);
+        assert!(c.catalog_file.is_some());
+    }
+}

@@ -1,0 +1,106 @@
+//! The node's own durable state, behind [`NodeStore`] so the sled engine can be swapped (sled is beta).
+//!
+//! For now it holds what a restart should not forget: the last registration the directory granted
+//! (to report it and to notice a changed address), and the revocation list last fetched from the
+//! directory (so a revoked certificate stays refused while the directory is unreachable after a restart).
+//! Records are protobuf-encoded so the format is shared with the wire and evolves the same way.
+
+use std::path::Path;
+
+use exchange_proto::v1::{ListRevocationsResponse, RegisterNodeResponse};
+use prost::Message;
+
+use crate::error::NodeError;
+
+/// What the node remembers across restarts.
+pub trait NodeStore: Send + Sync + 'static {
+    fn last_registration(&self) -> Result<Option<RegisterNodeResponse>, NodeError>;
+    fn save_registration(&self, registration: &RegisterNodeResponse) -> Result<(), NodeError>;
+    fn revocations(&self) -> Result<Option<ListRevocationsResponse>, NodeError>;
+    fn save_revocations(&self, revocations: &ListRevocationsResponse) -> Result<(), NodeError>;
+    /// Makes every write so far durable (called on shutdown).
+    fn flush(&self) -> Result<(), NodeError>;
+}
+
+const KEY_REGISTRATION: &[u8] = b"registration";
+const KEY_REVOCATIONS: &[u8] = b"revocations";
+
+/// [`NodeStore`] on a sled database in `data_dir`.
+///
+/// Writes are not flushed one by one: nothing is acknowledged to a peer on the strength of them, and
+/// sled flushes in the background every 500 ms. [`NodeStore::flush`] runs on shutdown.
+pub struct SledStore {
+    db: sled::Db,
+}
+
+impl SledStore {
+    pub fn open(data_dir: &Path) -> Result<Self, NodeError> {
+        std::fs::create_dir_all(data_dir)
+            .map_err(|e| NodeError::Store(format!("{}: {e}", data_dir.display())))?;
+        let db = sled::open(data_dir.join("node.sled"))
+            .map_err(|e| NodeError::Store(format!("{}: {e}", data_dir.display())))?;
+        Ok(SledStore { db })
+    }
+
+    fn get<M: Message + Default>(&self, key: &[u8]) -> Result<Option<M>, NodeError> {
+        match self.db.get(key)? {
+            None => Ok(None),
+            Some(bytes) => M::decode(bytes.as_ref())
+                .map(Some)
+                .map_err(|e| NodeError::Store(format!("record {:?} is corrupt: {e}", String::from_utf8_lossy(key)))),
+        }
+    }
+
+    fn put<M: Message>(&self, key: &[u8], value: &M) -> Result<(), NodeError> {
+        self.db.insert(key, value.encode_to_vec())?;
+        Ok(())
+    }
+}
+
+impl NodeStore for SledStore {
+    fn last_registration(&self) -> Result<Option<RegisterNodeResponse>, NodeError> {
+        self.get(KEY_REGISTRATION)
+    }
+    fn save_registration(&self, registration: &RegisterNodeResponse) -> Result<(), NodeError> {
+        self.put(KEY_REGISTRATION, registration)
+    }
+    fn revocations(&self) -> Result<Option<ListRevocationsResponse>, NodeError> {
+        self.get(KEY_REVOCATIONS)
+    }
+    fn save_revocations(&self, revocations: &ListRevocationsResponse) -> Result<(), NodeError> {
+        self.put(KEY_REVOCATIONS, revocations)
+    }
+    fn flush(&self) -> Result<(), NodeError> {
+        self.db.flush()?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use exchange_proto::v1::{NodeInfo, Revocation};
+
+    #[test]
+    fn records_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = SledStore::open(dir.path()).unwrap();
+            assert!(store.last_registration().unwrap().is_none());
+            let reg = RegisterNodeResponse {
+                node: Some(NodeInfo { address: "tax:7401".into(), ..Default::default() }),
+                lease_ttl_seconds: 30,
+                heartbeat_interval_seconds: 10,
+            };
+            store.save_registration(&reg).unwrap();
+            let revs = ListRevocationsResponse {
+                revocations: vec![Revocation { serial_hex: "0aff".into(), ..Default::default() }],
+            };
+            store.save_revocations(&revs).unwrap();
+            store.flush().unwrap();
+        }
+        let store = SledStore::open(dir.path()).unwrap();
+        assert_eq!(store.last_registration().unwrap().unwrap().node.unwrap().address, "tax:7401");
+        assert_eq!(store.revocations().unwrap().unwrap().revocations[0].serial_hex, "0aff");
+    }
+}
