@@ -53,9 +53,30 @@ impl ClientError {
     }
 }
 
+/// `first: source: source's source...`, leaving out parts already said (transport errors repeat their
+/// cause at every level).
+fn distinct_chain(first: &str, source: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = vec![first.to_string()];
+    let mut cur = Some(source);
+    while let Some(e) = cur {
+        let text = e.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        cur = e.source();
+    }
+    parts.retain(|p| !p.is_empty());
+    parts.join(": ")
+}
+
 impl From<Status> for ClientError {
     fn from(status: Status) -> Self {
-        let message = status.message().to_string();
+        // A status our own client made up from a transport failure (refused connection, TLS alert) says
+        // only "transport error"; the reason is in its source chain.
+        let message = match std::error::Error::source(&status) {
+            Some(source) => distinct_chain(status.message(), source),
+            None => status.message().to_string(),
+        };
         match status.code() {
             Code::InvalidArgument => {
                 let violations = status
@@ -76,8 +97,28 @@ impl From<Status> for ClientError {
                 let retry_after = status.get_details_retry_info().and_then(|r| r.retry_delay);
                 ClientError::ResourceExhausted { message, retry_after }
             }
-            Code::Unavailable => ClientError::Unavailable(crate::tls::error_chain(&status)),
+            Code::Unavailable => ClientError::Unavailable(message),
             code => ClientError::Other { code, message },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("transport error")]
+    struct Transport(#[source] std::io::Error);
+
+    #[test]
+    fn transport_failures_keep_their_reason_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "Connection refused");
+        let status = Status::from_error(Box::new(Transport(io)));
+        let err = ClientError::from(status);
+        assert_eq!(err.code(), Code::Unknown);
+        let text = err.to_string();
+        assert!(text.contains("transport error") && text.contains("Connection refused"), "{text}");
+        assert_eq!(text.matches("Connection refused").count(), 1, "{text}");
     }
 }

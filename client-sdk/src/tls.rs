@@ -325,7 +325,10 @@ type Connector = tower::util::BoxCloneSyncService<http::Uri, hyper_util::rt::Tok
 
 fn endpoint(addr: &str, config: Arc<rustls::ClientConfig>) -> Result<(Endpoint, Connector), TlsError> {
     let (_, server_name) = split_host(addr)?;
-    let ep = Endpoint::from_shared(format!("https://{addr}"))
+    // `http://`, not `https://`: the connector below does the TLS itself. With tonic's TLS feature on, an
+    // https URI makes tonic wrap its own TLS around the connector's stream and, having no tonic TLS config,
+    // fail every call with "Connecting to HTTPS without TLS enabled".
+    let ep = Endpoint::from_shared(format!("http://{addr}"))
         .map_err(|e| TlsError::Connect { addr: addr.to_string(), reason: e.to_string() })?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)

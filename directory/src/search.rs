@@ -1302,7 +1302,7 @@ mod tests {
     }
 
     /// Deterministic xorshift, so the benchmark catalog is the same on every run.
-    struct Xorshift(u64);
+    pub(super) struct Xorshift(pub(super) u64);
 
     impl Xorshift {
         fn next(&mut self) -> u64 {
@@ -1312,17 +1312,17 @@ mod tests {
             self.0
         }
 
-        fn pick<'a>(&mut self, words: &[&'a str]) -> &'a str {
+        pub(super) fn pick<'a>(&mut self, words: &[&'a str]) -> &'a str {
             words[(self.next() % words.len() as u64) as usize]
         }
     }
 
-    const SUBJECTS: &[&str] = &[
+    pub(super) const SUBJECTS: &[&str] = &[
         "企业", "个体工商户", "农民专业合作社", "人口", "法人", "社会组织", "事业单位", "纳税人", "建设项目",
         "不动产", "车辆", "药品", "医疗器械", "食品", "特种设备", "学校", "医疗机构", "养老机构", "道路运输",
         "危险化学品", "排污单位", "出口企业", "高新技术企业", "律师事务所", "旅行社", "网约车", "电动自行车",
     ];
-    const TOPICS: &[&str] = &[
+    pub(super) const TOPICS: &[&str] = &[
         "登记", "年报", "纳税信用", "信用等级", "行政许可", "行政处罚", "质量监督抽查", "社会保险缴费", "住房公积金",
         "婚姻登记", "出生医学证明", "死亡证明", "资质认定", "产品质量", "安全生产", "环境监测", "用电", "用水",
         "欠税公告", "失信被执行人", "经营异常名录", "注销", "股权出质", "知识产权", "商标注册", "专利授权",
@@ -1334,7 +1334,7 @@ mod tests {
         "违法事实", "处罚结果", "抽查结论", "检验机构", "纳税信用级别", "评价年度", "缴费基数", "缴费月份",
     ];
 
-    fn benchmark_catalog(size: usize) -> Vec<CatalogEntry> {
+    pub(super) fn benchmark_catalog(size: usize) -> Vec<CatalogEntry> {
         let mut rng = Xorshift(0x9E37_79B9_7F4A_7C15);
         let providers: Vec<String> = (0..60).map(|n| format!("dept{n:02}")).collect();
         (0..size)
@@ -1430,5 +1430,44 @@ mod tests {
         let started = Instant::now();
         index.upsert(&entries[..1]).expect("upsert");
         println!("single-entry upsert: {:?}", started.elapsed());
+    }
+}
+#[cfg(test)]
+mod breakdown {
+    use super::*;
+    use super::tests::*;
+    use std::time::{Duration, Instant};
+    use tantivy::collector::{Count, TopDocs};
+
+    fn p(mut v: Vec<Duration>) -> String { v.sort(); format!("p50 {:?} p99 {:?}", v[v.len()/2], v[v.len()*99/100]) }
+
+    #[test]
+    #[ignore]
+    fn breakdown() {
+        let entries = benchmark_catalog(100_000);
+        // tokenization throughput, single thread
+        let mut a = catalog_analyzer(true);
+        let t = Instant::now();
+        let mut n = 0usize;
+        for e in &entries { for text in [&e.name, &e.summary] { let mut s = a.token_stream(text); while s.advance() { n += 1; } } for it in &e.data_items { let mut s = a.token_stream(&it.name); while s.advance() { n += 1; } } }
+        println!("jieba search-mode 1 thread over all text: {:?} ({n} tokens)", t.elapsed());
+        let index = CatalogIndex::new().unwrap();
+        let t = Instant::now();
+        index.upsert(&entries).unwrap();
+        println!("upsert {:?}; segments {}", t.elapsed(), index.reader.searcher().segment_readers().len());
+        let mut rng = Xorshift(42);
+        let qs: Vec<String> = (0..1000).map(|_| format!("{} {}", rng.pick(SUBJECTS), rng.pick(TOPICS))).collect();
+        let searcher = index.reader.searcher();
+        let mut seg = vec![]; let mut cnt = vec![]; let mut top = vec![]; let mut tup = vec![]; let mut fac = vec![]; let mut full = vec![];
+        for q in &qs {
+            let t = Instant::now(); let words = index.segment_query(q); seg.push(t.elapsed());
+            let query = index.build_query(&words, vec![]);
+            let t = Instant::now(); searcher.search(query.as_ref(), &Count).unwrap(); cnt.push(t.elapsed());
+            let t = Instant::now(); searcher.search(query.as_ref(), &TopDocs::with_limit(20).order_by_score()).unwrap(); top.push(t.elapsed());
+            let t = Instant::now(); searcher.search(query.as_ref(), &TopDocs::with_limit(20).order_by((SortBySimilarityScore, (SortByString::for_field(RESOURCE_CODE), Order::Asc)))).unwrap(); tup.push(t.elapsed());
+            let t = Instant::now(); searcher.search(query.as_ref(), &FacetCollector{classification_column: Some("classification_l1")}).unwrap(); fac.push(t.elapsed());
+            let t = Instant::now(); index.search(&SearchCatalogRequest{query: q.clone(), ..Default::default()}).unwrap(); full.push(t.elapsed());
+        }
+        println!("segment_query {}\ncount {}\ntop score {}\ntop tuple {}\nfacets {}\nfull {}", p(seg), p(cnt), p(top), p(tup), p(fac), p(full));
     }
 }

@@ -18,9 +18,10 @@
 //! - Reflection v1 and v1alpha (grpcurl builds differ in which one they speak), listing the Directory and
 //!   Health services.
 //!
-//! Shutdown: when the `shutdown` future completes, the listener closes, watch streams end with
-//! `UNAVAILABLE` (they would otherwise never finish), in-flight calls run to completion, and `serve`
-//! returns once every connection has closed.
+//! Shutdown: when the `shutdown` future completes, the listener closes, catalog watch streams end with
+//! `UNAVAILABLE` and health watch streams end after reporting `NOT_SERVING` (streams that never finish
+//! would otherwise hold the drain forever), in-flight calls run to completion, and `serve` returns once
+//! every connection has closed.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -40,6 +41,9 @@ use crate::revocation::{AuthorityError, RevocationAuthority};
 use crate::search::{CatalogIndex, SearchError};
 use crate::service::{DirectoryService, ServiceSettings};
 use crate::store::{StoreError, Stores};
+
+/// The gRPC name of the Directory service (as health checks and reflection know it).
+pub const DIRECTORY_SERVICE_NAME: &str = <DirectoryServer<DirectoryService> as tonic::server::NamedService>::NAME;
 
 /// Entries read from the store per page while rebuilding the index.
 const REBUILD_PAGE: usize = 10_000;
@@ -74,9 +78,10 @@ pub struct LoadedDirectory {
     stores: Stores,
     index: Arc<CatalogIndex>,
     revoked: RevocationSet,
+    authority: RevocationAuthority,
     catalog_version: u64,
     indexed_entries: u64,
-    rebuild_time: Duration,
+    startup_time: Duration,
 }
 
 impl std::fmt::Debug for LoadedDirectory {
@@ -85,7 +90,7 @@ impl std::fmt::Debug for LoadedDirectory {
             .field("identity", &self.identity.identity)
             .field("catalog_version", &self.catalog_version)
             .field("indexed_entries", &self.indexed_entries)
-            .field("rebuild_time", &self.rebuild_time)
+            .field("startup_time", &self.startup_time)
             .finish_non_exhaustive()
     }
 }
@@ -100,14 +105,19 @@ impl LoadedDirectory {
         if identity.identity.role != Role::Directory {
             return Err(ServerError::WrongRole { path: config.tls.cert.clone(), role: identity.identity.role });
         }
+        let authority = RevocationAuthority::new(&config.tls.ca, &identity.identity.department)?;
+        let started = Instant::now();
+        // The two cores work in parallel: the empty index is created (jieba loads its dictionary) while
+        // sled opens and the live entries are read.
+        let new_index = tokio::task::spawn_blocking(CatalogIndex::new);
         let data_dir = config.data_dir.clone();
         let stores = tokio::task::spawn_blocking(move || crate::store::sled::open(&data_dir)).await??;
+        let open_time = started.elapsed();
 
         let revoked = RevocationSet::default();
         let revocations = stores.revocations.list().await?;
         revoked.replace_all(revocations.into_iter().map(|r| r.serial_hex));
 
-        let started = Instant::now();
         let catalog_version = stores.catalog.current_version().await?;
         let mut live = Vec::new();
         let mut after: Option<String> = None;
@@ -117,9 +127,11 @@ impl LoadedDirectory {
             after = Some(last.resource_code.clone());
             live.extend(page);
         }
-        let read_time = started.elapsed();
+        let read_time = started.elapsed() - open_time;
+        let index = new_index.await??;
+        let index_started = Instant::now();
+        // One upsert, so the whole catalog costs one index commit.
         let (index, indexed_entries) = tokio::task::spawn_blocking(move || -> Result<_, SearchError> {
-            let index = CatalogIndex::new()?;
             if !live.is_empty() {
                 index.upsert(&live)?;
             }
@@ -127,13 +139,16 @@ impl LoadedDirectory {
             Ok((index, n))
         })
         .await??;
-        let rebuild_time = started.elapsed();
+        let index_time = index_started.elapsed();
+        let startup_time = started.elapsed();
         tracing::info!(
             entries = indexed_entries,
             catalog_version,
             revocations = revoked.len(),
+            open_ms = open_time.as_millis() as u64,
             read_ms = read_time.as_millis() as u64,
-            total_ms = rebuild_time.as_millis() as u64,
+            index_ms = index_time.as_millis() as u64,
+            total_ms = startup_time.as_millis() as u64,
             "search index rebuilt from the store"
         );
         Ok(LoadedDirectory {
@@ -142,9 +157,10 @@ impl LoadedDirectory {
             stores,
             index: Arc::new(index),
             revoked,
+            authority,
             catalog_version,
             indexed_entries,
-            rebuild_time,
+            startup_time,
         })
     }
 
@@ -158,9 +174,10 @@ impl LoadedDirectory {
         self.indexed_entries
     }
 
-    /// How long reading the live entries and rebuilding the index took.
-    pub fn rebuild_time(&self) -> Duration {
-        self.rebuild_time
+    /// How long opening the store, reading the live entries and rebuilding the index took (the phases
+    /// are logged separately).
+    pub fn startup_time(&self) -> Duration {
+        self.startup_time
     }
 
     /// Serves on `listener` until `shutdown` completes, then drains (see the module docs).
@@ -168,14 +185,12 @@ impl LoadedDirectory {
         let local = listener.local_addr().ok();
         let server_tls = tls::server_config(&self.identity, self.revoked.clone())?;
         let incoming = tls::serve_incoming(listener, server_tls, self.config.max_connections);
-        let authority = RevocationAuthority::new(&self.config.tls.ca, &self.identity.identity.department)?;
-
         let (stop_tx, stop_rx) = watch::channel(false);
         let service = DirectoryService::new(
             self.stores.clone(),
             self.index.clone(),
             self.revoked.clone(),
-            authority,
+            self.authority,
             ServiceSettings {
                 lease_ttl_seconds: self.config.lease_ttl_seconds,
                 heartbeat_interval_seconds: self.config.heartbeat_interval_seconds(),
@@ -201,12 +216,17 @@ impl LoadedDirectory {
 
         // Every service authenticates each call, so a revoked certificate cannot even probe health.
         let interceptor = IdentityInterceptor::new(self.revoked.clone());
+        let mut health = health;
         let signal = async move {
             shutdown.await;
             tracing::info!("shutting down: refusing new connections, draining calls");
-            health.set_not_serving::<DirectoryServer<DirectoryService>>().await;
-            health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
             let _ = stop_tx.send(true);
+            // Health watchers see NOT_SERVING, then their streams end (clearing drops the status sender):
+            // like catalog watches, they would otherwise keep the drain waiting forever.
+            for name in ["", DIRECTORY_SERVICE_NAME] {
+                health.set_service_status(name, tonic_health::ServingStatus::NotServing).await;
+                health.clear_service_status(name).await;
+            }
         };
 
         tracing::info!(

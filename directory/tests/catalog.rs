@@ -6,6 +6,7 @@ mod common;
 use client_sdk::identity::Role;
 use common::*;
 use exchange_proto::limits::MAX_BATCH_ENTRIES;
+use exchange_proto::v1::directory_client::DirectoryClient;
 use exchange_proto::v1::*;
 use tonic::Code;
 use tonic_types::StatusExt;

@@ -250,7 +250,7 @@ async fn health_is_serving_and_reflection_lists_the_services() {
 }
 
 #[tokio::test]
-async fn shutdown_ends_open_watch_streams_and_releases_the_database() {
+async fn shutdown_ends_catalog_and_health_watches_and_releases_the_database() {
     let pki = Pki::new();
     let data = tempfile::tempdir().unwrap();
     let dir = TestDirectory::start(pki.config(data.path())).await;
@@ -258,6 +258,18 @@ async fn shutdown_ends_open_watch_streams_and_releases_the_database() {
     let mut app = dir.client(&app_id);
     let mut stream = app.watch_catalog(WatchCatalogRequest { from_version: 0 }).await.unwrap().into_inner();
     let reader = tokio::spawn(async move { stream.message().await });
+    let mut health = tonic_health::pb::health_client::HealthClient::new(dir.channel(&app_id));
+    let mut health_watch =
+        health.watch(tonic_health::pb::HealthCheckRequest { service: String::new() }).await.unwrap().into_inner();
+    let serving = health_watch.message().await.unwrap().unwrap().status;
+    assert_eq!(serving, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+    let health_reader = tokio::spawn(async move {
+        let mut last = None;
+        while let Ok(Some(msg)) = health_watch.message().await {
+            last = Some(msg.status);
+        }
+        last
+    });
     tokio::time::sleep(Duration::from_millis(100)).await;
     let started = Instant::now();
     dir.stop().await; // panics if the server does not stop within 10 s
@@ -267,6 +279,8 @@ async fn shutdown_ends_open_watch_streams_and_releases_the_database() {
         Ok(None) => {}
         Ok(Some(change)) => panic!("unexpected change {change:?}"),
     }
+    let last_health = health_reader.await.unwrap();
+    assert_eq!(last_health, Some(tonic_health::pb::health_check_response::ServingStatus::NotServing as i32));
     // the database is released: the same folder opens again
     let dir = TestDirectory::start(pki.config(data.path())).await;
     dir.stop().await;
@@ -301,8 +315,8 @@ async fn restart_with_100k_entries_is_ready_within_5_s() {
     let loaded = directory::LoadedDirectory::load(pki.config(data.path())).await.unwrap();
     let ready = started.elapsed();
     println!(
-        "ready in {ready:?} (index rebuild incl. store read {:?}), {} entries indexed, catalog version {}",
-        loaded.rebuild_time(),
+        "ready in {ready:?} (store open + read + index rebuild {:?}), {} entries indexed, catalog version {}",
+        loaded.startup_time(),
         loaded.indexed_entries(),
         loaded.catalog_version()
     );

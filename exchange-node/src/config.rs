@@ -40,18 +40,9 @@ pub struct Config {
     pub max_connections: usize,
     #[serde(default = "default_grace")]
     pub shutdown_grace_seconds: u64,
+    /// `text` or `json`; the level comes from `RUST_LOG` (default `info`).
     #[serde(default)]
-    pub log: LogConfig,
-}
-
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LogConfig {
-    #[serde(default)]
-    pub format: LogFormat,
-    /// A tracing filter (`info`, `exchange_node=debug,info`); `RUST_LOG` overrides it.
-    #[serde(default = "default_log_filter")]
-    pub filter: String,
+    pub log_format: LogFormat,
 }
 
 /// `text` for people, `json` (one object per line) for log collectors.
@@ -68,9 +59,6 @@ fn default_max_connections() -> usize {
 }
 fn default_grace() -> u64 {
     DEFAULT_SHUTDOWN_GRACE_SECONDS
-}
-fn default_log_filter() -> String {
-    "info".to_string()
 }
 
 impl Config {
@@ -108,7 +96,7 @@ impl Config {
     fn validate(&self) -> Result<(), String> {
         for (field, value) in [("advertise_address", &self.advertise_address), ("directory_address", &self.directory_address)] {
             match value.rsplit_once(':') {
-                Some((host, port)) if !host.is_empty() && port.parse::<u16>().map_or(false, |p| p != 0) => {}
+                Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0) => {}
                 _ => return Err(format!("{field} = {value:?}: expected host:port")),
             }
         }
@@ -143,8 +131,7 @@ key = "/etc/keys/tax-node.key"
         assert_eq!(c.tls.ca, PathBuf::from("/srv/node/pki/ca.crt"));
         assert_eq!(c.tls.key, PathBuf::from("/etc/keys/tax-node.key"), "absolute paths stay");
         assert_eq!(c.max_connections, DEFAULT_MAX_CONNECTIONS);
-        assert_eq!(c.log.format, LogFormat::Text);
-        assert_eq!(c.log.filter, "info");
+        assert_eq!(c.log_format, LogFormat::Text);
         assert!(c.catalog_file.is_none());
     }
 
@@ -162,7 +149,7 @@ key = "/etc/keys/tax-node.key"
     fn example_config_parses() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/config/node.example.toml");
         let c = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(c.log.format, LogFormat::Json);
+        assert_eq!(c.log_format, LogFormat::Json);
         assert!(c.catalog_file.is_some());
     }
 }

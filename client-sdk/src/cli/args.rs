@@ -18,6 +18,7 @@ pub struct Cli {
 }
 
 #[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Global options")]
 pub struct GlobalOpts {
     /// Folder holding ca.crt and NAME.crt/NAME.key (see --identity).
     #[arg(long, global = true, env = "EXCHANGE_PKI_DIR", value_name = "DIR")]

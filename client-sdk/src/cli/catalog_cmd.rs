@@ -167,11 +167,17 @@ pub(super) async fn withdraw(ctx: &Ctx, codes: Vec<String>, node: Option<&str>) 
     Ok(())
 }
 
-/// Errors a reconnect cannot fix: the request or the certificate is wrong.
+/// Errors a reconnect cannot fix: the request or the certificate is wrong, or `--from` is beyond the
+/// catalog's current version (OUT_OF_RANGE).
 fn is_permanent(code: Code) -> bool {
     matches!(
         code,
-        Code::InvalidArgument | Code::PermissionDenied | Code::Unauthenticated | Code::Unimplemented | Code::NotFound
+        Code::InvalidArgument
+            | Code::PermissionDenied
+            | Code::Unauthenticated
+            | Code::Unimplemented
+            | Code::NotFound
+            | Code::OutOfRange
     )
 }
 
@@ -269,6 +275,7 @@ mod tests {
     #[test]
     fn permanent_watch_errors() {
         assert!(is_permanent(Code::PermissionDenied));
+        assert!(is_permanent(Code::OutOfRange), "watch --from a future version must fail, not spin");
         assert!(!is_permanent(Code::Unavailable));
         assert!(!is_permanent(Code::Internal));
     }

@@ -450,7 +450,7 @@ impl NodeStatusView {
             ("catalog version", self.catalog_version.to_string()),
             ("directory error", if self.last_directory_error.is_empty() { "-".into() } else { self.last_directory_error.clone() }),
         ];
-        rows.iter().map(|(k, v)| format!("{k:<16}{v}\n")).collect()
+        rows.iter().map(|(k, v)| format!("{k:<17}{v}\n")).collect()
     }
 }
 

@@ -1,0 +1,177 @@
+//! Starting and stopping the node: check the identity, open the store, start registration, serve gRPC
+//! over mutual TLS until the shutdown future resolves, then drain.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use client_sdk::auth::IdentityInterceptor;
+use client_sdk::catalog::CatalogFile;
+use client_sdk::identity::{normalize_serial, Role};
+use client_sdk::tls::{self, RevocationSet, TlsIdentity};
+use exchange_proto::limits::MAX_MESSAGE_BYTES;
+use exchange_proto::v1::exchange_node_server::ExchangeNodeServer;
+use tokio::net::TcpListener;
+use tokio::sync::{oneshot, watch};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Server;
+
+use crate::config::Config;
+use crate::error::NodeError;
+use crate::registration::{CatalogToPublish, Registrar, Timing};
+use crate::service::NodeService;
+use crate::state::NodeState;
+use crate::store::{NodeStore, SledStore};
+
+/// The gRPC name of the ExchangeNode service, as health checks ask for it.
+pub const NODE_SERVICE_NAME: &str = "govexchange.v1.ExchangeNode";
+
+/// Runs the node on `listener` until `shutdown` resolves, then stops heartbeats, lets in-flight calls
+/// finish (at most `shutdown_grace_seconds`) and flushes the store.
+///
+/// Refuses to start (returns an error at once) when the certificate does not have role `node`, the TLS
+/// files or the catalog file cannot be read, or the store cannot be opened.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), NodeError> {
+    run_with_timing(listener, config, Timing::default(), shutdown).await
+}
+
+/// [`run`] with the registration delays given (tests shorten them).
+pub async fn run_with_timing(
+    listener: TcpListener,
+    config: Config,
+    timing: Timing,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), NodeError> {
+    let tls_identity = TlsIdentity::load(&config.tls)?;
+    let me = tls_identity.identity.clone();
+    if me.role != Role::Node {
+        return Err(NodeError::WrongRole { role: me.role, name: me.name });
+    }
+
+    // Read the catalog file before anything else: a broken file stops the start, where it is noticed.
+    let catalog = match &config.catalog_file {
+        Some(path) => {
+            let entries = CatalogFile::load_entries(path)?;
+            tracing::info!(file = %path.display(), entries = entries.len(), "catalog file read");
+            Some(CatalogToPublish { path: path.clone(), entries })
+        }
+        None => None,
+    };
+
+    let store: Arc<dyn NodeStore> = Arc::new(SledStore::open(&config.data_dir)?);
+    if let Some(previous) = store.last_registration()?.and_then(|r| r.node) {
+        if previous.address != config.advertise_address {
+            tracing::info!(previous = %previous.address, now = %config.advertise_address, "advertise address changed since the last registration");
+        }
+    }
+    let revocations = RevocationSet::default();
+    if let Some(list) = store.revocations()? {
+        revocations.replace_all(list.revocations.iter().filter_map(|r| normalize_serial(&r.serial_hex)));
+    }
+
+    let server_tls = tls::server_config(&tls_identity, revocations.clone())?;
+    let directory = client_sdk::client::directory_client(&config.directory_address, &tls_identity)?;
+    let state = Arc::new(NodeState::new(me.clone(), config.advertise_address.clone()));
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let registration = Registrar {
+        directory: directory.clone(),
+        directory_address: config.directory_address.clone(),
+        state: state.clone(),
+        store: store.clone(),
+        revocations: revocations.clone(),
+        catalog,
+        timing,
+    }
+    .spawn(stop_rx);
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_service_status(NODE_SERVICE_NAME, tonic_health::ServingStatus::Serving).await;
+    let reflection = |b: tonic_reflection::server::Builder<'static>| {
+        b.register_encoded_file_descriptor_set(exchange_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection(tonic_reflection::server::Builder::configure())
+        .build_v1()
+        .map_err(|e| NodeError::Serve(e.to_string()))?;
+    let reflection_v1alpha = reflection(tonic_reflection::server::Builder::configure())
+        .build_v1alpha()
+        .map_err(|e| NodeError::Serve(e.to_string()))?;
+
+    let node_service = ExchangeNodeServer::new(NodeService::new(directory, config.directory_address.clone(), state))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    // Health and reflection pass the same per-call check: a revoked certificate cannot even probe them.
+    let interceptor = IdentityInterceptor::new(revocations);
+
+    let local = listener.local_addr().map_err(|e| NodeError::Serve(e.to_string()))?;
+    let incoming = tls::serve_incoming(listener, server_tls, config.max_connections);
+
+    // The shutdown signal: mark the node not serving, stop heartbeats, then let tonic drain.
+    let (signalled_tx, signalled_rx) = oneshot::channel::<()>();
+    let stop_for_signal = stop_tx.clone();
+    let mut health = health;
+    let signal = async move {
+        shutdown.await;
+        tracing::info!("shutting down: stopping heartbeats, draining in-flight calls");
+        let _ = stop_for_signal.send(true);
+        // Health watchers see NOT_SERVING, then their streams end (clearing drops the status sender);
+        // an open health watch would otherwise hold the drain until the grace period runs out.
+        for name in ["", NODE_SERVICE_NAME] {
+            health.set_service_status(name, tonic_health::ServingStatus::NotServing).await;
+            health.clear_service_status(name).await;
+        }
+        let _ = signalled_tx.send(());
+    };
+
+    tracing::info!(
+        listen = %local,
+        node = %me,
+        advertise = %config.advertise_address,
+        directory = %config.directory_address,
+        "exchange node serving"
+    );
+    let serve = Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .add_service(InterceptedService::new(node_service, interceptor.clone()))
+        .add_service(InterceptedService::new(health_service, interceptor.clone()))
+        .add_service(InterceptedService::new(reflection_v1, interceptor.clone()))
+        .add_service(InterceptedService::new(reflection_v1alpha, interceptor))
+        .serve_with_incoming_shutdown(incoming, signal);
+    let grace = Duration::from_secs(config.shutdown_grace_seconds);
+    let drain_deadline = async move {
+        if signalled_rx.await.is_err() {
+            std::future::pending::<()>().await;
+        }
+        tokio::time::sleep(grace).await;
+    };
+    let served = tokio::select! {
+        result = serve => result.map_err(|e| NodeError::Serve(tls::error_chain(&e))),
+        _ = drain_deadline => {
+            tracing::warn!(grace_seconds = grace.as_secs(), "in-flight calls did not finish in time; closing them");
+            Ok(())
+        }
+    };
+
+    let _ = stop_tx.send(true);
+    let _ = registration.await;
+    store.flush()?;
+    tracing::info!("exchange node stopped");
+    served
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::server::NamedService;
+
+    #[test]
+    fn health_uses_the_generated_service_name() {
+        assert_eq!(NODE_SERVICE_NAME, <ExchangeNodeServer<NodeService> as NamedService>::NAME);
+    }
+}
