@@ -1305,7 +1305,7 @@ mod tests {
     pub(super) struct Xorshift(pub(super) u64);
 
     impl Xorshift {
-        fn next(&mut self) -> u64 {
+        pub(super) fn next(&mut self) -> u64 {
             self.0 ^= self.0 << 13;
             self.0 ^= self.0 >> 7;
             self.0 ^= self.0 << 17;
@@ -1467,6 +1467,36 @@ mod breakdown {
             let t = Instant::now(); searcher.search(query.as_ref(), &TopDocs::with_limit(20).order_by((SortBySimilarityScore, (SortByString::for_field(RESOURCE_CODE), Order::Asc)))).unwrap(); tup.push(t.elapsed());
             let t = Instant::now(); searcher.search(query.as_ref(), &FacetCollector{classification_column: Some("classification_l1")}).unwrap(); fac.push(t.elapsed());
             let t = Instant::now(); index.search(&SearchCatalogRequest{query: q.clone(), ..Default::default()}).unwrap(); full.push(t.elapsed());
+        }
+        {
+            let seg0 = &searcher.segment_readers()[0];
+            let col = seg0.fast_fields().str(RESOURCE_CODE).unwrap().unwrap();
+            let mut rng = Xorshift(7);
+            let mut times = vec![];
+            let mut out = String::new();
+            for _ in 0..200 {
+                let ords: Vec<u64> = (0..20).map(|_| rng.next() % col.num_terms() as u64).collect();
+                let t = Instant::now();
+                for o in &ords { col.ord_to_str(*o, &mut out).unwrap(); }
+                times.push(t.elapsed());
+            }
+            println!("20x ord_to_str {}", p(times));
+            let mut times = vec![];
+            for _ in 0..200 {
+                let mut ords: Vec<u64> = (0..20).map(|_| rng.next() % col.num_terms() as u64).collect();
+                ords.sort();
+                let t = Instant::now();
+                col.dictionary().sorted_ords_to_term_cb(&ords, |b| { out.clear(); out.push_str(std::str::from_utf8(b).unwrap()); }).unwrap();
+                times.push(t.elapsed());
+            }
+            println!("20x sorted_ords_to_term_cb {}", p(times));
+            let mut times = vec![];
+            for q in &qs {
+                let words = index.segment_query(q);
+                let query = index.build_query(&words, vec![]);
+                let t = Instant::now(); searcher.search(query.as_ref(), &TopDocs::with_limit(20).order_by((SortBySimilarityScore, (SortByString::for_field("provider_code"), Order::Asc)))).unwrap(); times.push(t.elapsed());
+            }
+            println!("top tuple by provider (few terms) {}", p(times));
         }
         println!("segment_query {}\ncount {}\ntop score {}\ntop tuple {}\nfacets {}\nfull {}", p(seg), p(cnt), p(top), p(tup), p(fac), p(full));
     }

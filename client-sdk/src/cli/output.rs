@@ -175,14 +175,14 @@ impl SearchView {
             if f.is_empty() {
                 String::new()
             } else {
-                let parts: Vec<String> = f.iter().map(|f| format!("{} {}", f.value, f.count)).collect();
+                let parts: Vec<String> = f.iter().map(|f| format!("{} ({})", f.value, f.count)).collect();
                 format!("{label}: {}\n", parts.join(", "))
             }
         };
         let facet_text = [
             facet_line("providers", &self.provider_facets),
             facet_line("share types", &self.share_type_facets),
-            facet_line("classes", &self.classification_facets),
+            facet_line("classification", &self.classification_facets),
         ]
         .concat();
         if !facet_text.is_empty() {
@@ -597,8 +597,8 @@ mod tests {
         let text = SearchView::from_pages(vec![page]).human();
         assert!(text.starts_with("2 of 7 hits (catalog version 42)\n"), "{text}");
         assert!(text.contains("101001/000001  企业登记信息  commerce  conditional  12.50"), "{text}");
-        assert!(text.contains("providers: commerce 7"), "{text}");
-        assert!(!text.contains("classes:"), "{text}");
+        assert!(text.contains("providers: commerce (7)"), "{text}");
+        assert!(!text.contains("classification:"), "{text}");
         assert!(text.contains("next page: --page-token abc"), "{text}");
     }
 
