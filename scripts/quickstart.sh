@@ -107,6 +107,8 @@ say "Search: conditional resources of commerce"
 "$CTL" catalog search --provider commerce --share-type conditional
 say "Search: everything in class 1 (base resources), first page"
 "$CTL" catalog search --class 1 --page-size 5
+say "Resolve: who provides 101001/000001 (企业登记信息), and where"
+"$CTL" catalog resolve 101001/000001
 
 cat <<INFO
 

@@ -1500,4 +1500,29 @@ mod breakdown {
         }
         println!("segment_query {}\ncount {}\ntop score {}\ntop tuple {}\nfacets {}\nfull {}", p(seg), p(cnt), p(top), p(tup), p(fac), p(full));
     }
+
+    #[test]
+    #[ignore]
+    fn breakdown_indexing() {
+        let entries = benchmark_catalog(100_000);
+        for with_deletes in [true, false] {
+            let index = CatalogIndex::new().unwrap();
+            let mut writer = index.writer.lock().unwrap();
+            let t = Instant::now();
+            let docs: Vec<TantivyDocument> = entries.iter().map(|e| index.document_for(e)).collect();
+            let t_build = t.elapsed();
+            let t = Instant::now();
+            for (e, d) in entries.iter().zip(docs) {
+                if with_deletes { writer.delete_term(index.resource_code_term(&e.resource_code)); }
+                writer.add_document(d).unwrap();
+            }
+            let t_add = t.elapsed();
+            let t = Instant::now();
+            writer.commit().unwrap();
+            let t_commit = t.elapsed();
+            let t = Instant::now();
+            index.reader.reload().unwrap();
+            println!("deletes {with_deletes}: build {t_build:?} add {t_add:?} commit {t_commit:?} reload {:?}", t.elapsed());
+        }
+    }
 }

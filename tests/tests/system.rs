@@ -179,6 +179,12 @@ fn three_departments_register_publish_search_and_survive_restart() {
     let entry = site.ctl_json("quality-app", &["catalog", "get", "101001/000001"]);
     assert_eq!(entry["provider_code"], "commerce");
     assert_eq!(entry["name"], "企业登记信息");
+    let resolved = site.ctl_json("tax-app", &["catalog", "resolve", "101001/000001"]);
+    assert_eq!(resolved["provider_code"], "commerce");
+    assert_eq!(resolved["providers"][0]["address"], format!("127.0.0.1:{}", ports[1]));
+    assert_eq!(resolved["providers"][0]["status"], "online");
+    let (ok, _, err) = site.ctl("tax-app", &["catalog", "resolve", "199999/000001"]);
+    assert!(!ok && err.to_lowercase().contains("not found"), "{err}");
     let conditional = site.ctl_json("tax-app", &["catalog", "search", "--provider", "commerce", "--share-type", "conditional"]);
     assert!(conditional["total_hits"].as_u64().unwrap() > 0);
     for hit in conditional["hits"].as_array().unwrap() {

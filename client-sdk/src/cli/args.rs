@@ -134,6 +134,8 @@ pub enum CatalogCommand {
         #[arg(long)]
         include_withdrawn: bool,
     },
+    /// Which node(s) provide a resource, and where to reach them (online first).
+    Resolve { code: String },
     /// Publish the entries of a TOML catalog file.
     ///
     /// Directly to the directory (operator or node certificate of the entries' department), or with

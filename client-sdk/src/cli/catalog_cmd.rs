@@ -6,12 +6,12 @@ use std::path::Path;
 use std::time::Duration;
 
 use exchange_proto::v1::{
-    GetEntryRequest, SearchCatalogRequest, WatchCatalogRequest, WithdrawEntriesRequest, WithdrawEntriesResponse,
+    GetEntryRequest, ResolveResourceRequest, SearchCatalogRequest, WatchCatalogRequest, WithdrawEntriesRequest, WithdrawEntriesResponse,
 };
 use tonic::Code;
 
 use super::args::SearchArgs;
-use super::output::{entry_human, ChangeView, PublishView, PublishedView, SearchView, WithdrawView};
+use super::output::{entry_human, now_unix_ms, ChangeView, PublishView, PublishedView, ResolveView, SearchView, WithdrawView};
 use super::{CliError, Ctx};
 use crate::catalog::{CatalogEntrySpec, CatalogFile, EnumWords, RECORD_KINDS, SHARE_TYPES, UPDATE_CYCLES};
 use crate::client::{self, BatchPublishError};
@@ -78,6 +78,18 @@ pub(super) async fn get(ctx: &Ctx, code: String, include_withdrawn: bool) -> Res
         .into_inner();
     let spec = CatalogEntrySpec::from(&entry);
     ctx.out.emit(&spec, || entry_human(&spec));
+    Ok(())
+}
+
+pub(super) async fn resolve(ctx: &Ctx, code: String) -> Result<(), CliError> {
+    let mut directory = ctx.directory()?;
+    let resolved = directory
+        .resolve_resource(ctx.request(ResolveResourceRequest { resource_code: code }))
+        .await
+        .map_err(|s| CliError::Client(s.into()))?
+        .into_inner();
+    let view = ResolveView::from(resolved);
+    ctx.out.emit(&view, || view.human(now_unix_ms()));
     Ok(())
 }
 

@@ -204,6 +204,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Catalog(cmd) => match cmd {
             CatalogCommand::Search(args) => catalog_cmd::search(&ctx, args).await,
             CatalogCommand::Get { code, include_withdrawn } => catalog_cmd::get(&ctx, code, include_withdrawn).await,
+            CatalogCommand::Resolve { code } => catalog_cmd::resolve(&ctx, code).await,
             CatalogCommand::Publish { file, node, dry_run } => {
                 catalog_cmd::publish(&ctx, &file, node.as_deref(), dry_run).await
             }

@@ -8,7 +8,7 @@ use std::fmt::Write as _;
 
 use exchange_proto::v1::{
     CatalogChange, ChangeKind, FacetCount, NodeInfo, NodeStatus, NodeStatusResponse, Revocation,
-    SearchCatalogResponse, WhoAmIResponse,
+    ResolveResourceResponse, SearchCatalogResponse, WhoAmIResponse,
 };
 use serde::Serialize;
 
@@ -353,7 +353,7 @@ pub fn node_status_word(status: i32) -> &'static str {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Clone, Debug, Serialize)]
 pub struct NodeView {
     pub department: String,
     pub node_name: String,
@@ -403,6 +403,40 @@ impl NodesView {
             ]);
         }
         t.render()
+    }
+}
+
+/// `catalog resolve`: the entry's identity and the provider's nodes.
+#[derive(Debug, Serialize)]
+pub struct ResolveView {
+    pub resource_code: String,
+    pub name: String,
+    pub provider_code: String,
+    pub share_type: String,
+    pub providers: Vec<NodeView>,
+}
+
+impl From<ResolveResourceResponse> for ResolveView {
+    fn from(r: ResolveResourceResponse) -> Self {
+        let entry = r.entry.map(|e| CatalogEntrySpec::from(&e));
+        ResolveView {
+            resource_code: entry.as_ref().map(|e| e.resource_code.clone()).unwrap_or_default(),
+            name: entry.as_ref().map(|e| e.name.clone()).unwrap_or_default(),
+            provider_code: entry.as_ref().map(|e| e.provider_code.clone()).unwrap_or_default(),
+            share_type: entry.as_ref().map(|e| e.share_type.clone()).unwrap_or_default(),
+            providers: r.providers.into_iter().map(NodeView::from).collect(),
+        }
+    }
+}
+
+impl ResolveView {
+    pub fn human(&self, now_ms: i64) -> String {
+        let head = format!("{}  {}  provider {}  ({})\n\n", self.resource_code, self.name, self.provider_code, self.share_type);
+        let nodes = NodesView { nodes: self.providers.clone() };
+        if self.providers.is_empty() {
+            return format!("{head}no node of {} is registered\n", self.provider_code);
+        }
+        format!("{head}{}", nodes.human(now_ms))
     }
 }
 
