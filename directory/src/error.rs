@@ -65,7 +65,12 @@ fn invalid_message(violations: &[Violation]) -> String {
         [] => "invalid request".to_string(),
         [one] => format!("invalid request: {}: {}", one.field, one.description),
         [first, rest @ ..] => {
-            format!("invalid request: {}: {} (and {} more field violations)", first.field, first.description, rest.len())
+            format!(
+                "invalid request: {}: {} (and {} more field violations)",
+                first.field,
+                first.description,
+                rest.len()
+            )
         }
     }
 }
@@ -91,7 +96,9 @@ impl From<DirectoryError> for Status {
                 bad_request(invalid_message(std::slice::from_ref(&v)), vec![v])
             }
             DirectoryError::ShuttingDown => Status::unavailable("the directory is shutting down; retry"),
-            e @ (DirectoryError::Store(_) | DirectoryError::Search(SearchError::Index(_)) | DirectoryError::Internal(_)) => {
+            e @ (DirectoryError::Store(_)
+            | DirectoryError::Search(SearchError::Index(_))
+            | DirectoryError::Internal(_)) => {
                 // The detail may name disk paths or engine internals: log it, send a generic message.
                 tracing::error!(error = %e, "request failed");
                 Status::internal("internal directory error (logged on the directory)")
@@ -101,7 +108,8 @@ impl From<DirectoryError> for Status {
 }
 
 fn bad_request(message: String, violations: Vec<Violation>) -> Status {
-    let fvs: Vec<FieldViolation> = violations.into_iter().map(|v| FieldViolation::new(v.field, v.description)).collect();
+    let fvs: Vec<FieldViolation> =
+        violations.into_iter().map(|v| FieldViolation::new(v.field, v.description)).collect();
     Status::with_error_details(Code::InvalidArgument, message, ErrorDetails::with_bad_request(fvs))
 }
 

@@ -51,8 +51,8 @@ impl RevocationAuthority {
     pub fn new(ca_pem: &std::path::Path, central_department: &str) -> Result<Self, AuthorityError> {
         client_sdk::tls::install_crypto_provider();
         let mut roots = RootCertStore::empty();
-        let certs = CertificateDer::pem_file_iter(ca_pem)
-            .map_err(|e| AuthorityError(format!("{}: {e}", ca_pem.display())))?;
+        let certs =
+            CertificateDer::pem_file_iter(ca_pem).map_err(|e| AuthorityError(format!("{}: {e}", ca_pem.display())))?;
         for cert in certs {
             let cert = cert.map_err(|e| AuthorityError(format!("{}: {e}", ca_pem.display())))?;
             roots.add(cert).map_err(|e| AuthorityError(format!("{}: {e}", ca_pem.display())))?;
@@ -84,7 +84,10 @@ impl RevocationAuthority {
             match normalize_serial(serial_hex) {
                 Some(s) => Some(s),
                 None => {
-                    violations.push(Violation::new("serial_hex", format!("{serial_hex:?} is not a hexadecimal serial number")));
+                    violations.push(Violation::new(
+                        "serial_hex",
+                        format!("{serial_hex:?} is not a hexadecimal serial number"),
+                    ));
                     None
                 }
             }
@@ -147,7 +150,9 @@ impl RevocationAuthority {
         let id = identity_from_der(der).map_err(|e| e.to_string())?;
         let cert = CertificateDer::from(der.to_vec());
         self.verifier.verify_client_cert(&cert, &[], UnixTime::now()).map_err(|e| {
-            format!("is not a valid certificate of this exchange's CA ({e}); an expired certificate needs no revocation")
+            format!(
+                "is not a valid certificate of this exchange's CA ({e}); an expired certificate needs no revocation"
+            )
         })?;
         Ok(id)
     }
@@ -189,7 +194,10 @@ mod tests {
         assert_eq!(ok.serial_hex, tax_node.serial_hex);
         assert_eq!(ok.department.as_deref(), Some("tax"));
         // ... but not by serial alone, nor another department's
-        assert!(matches!(authority.approve(&op("tax"), &tax_node.serial_hex, &[], ""), Err(DirectoryError::PermissionDenied(_))));
+        assert!(matches!(
+            authority.approve(&op("tax"), &tax_node.serial_hex, &[], ""),
+            Err(DirectoryError::PermissionDenied(_))
+        ));
         assert!(matches!(
             authority.approve(&op("tax"), "", &der(&police_node.cert), ""),
             Err(DirectoryError::PermissionDenied(_))
@@ -205,6 +213,9 @@ mod tests {
             Err(DirectoryError::InvalidArgument { .. })
         ));
         assert!(matches!(authority.approve(&op("central"), "", &[], ""), Err(DirectoryError::InvalidArgument { .. })));
-        assert!(matches!(authority.approve(&op("central"), "xyz", &[], ""), Err(DirectoryError::InvalidArgument { .. })));
+        assert!(matches!(
+            authority.approve(&op("central"), "xyz", &[], ""),
+            Err(DirectoryError::InvalidArgument { .. })
+        ));
     }
 }

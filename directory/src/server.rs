@@ -181,7 +181,11 @@ impl LoadedDirectory {
     }
 
     /// Serves on `listener` until `shutdown` completes, then drains (see the module docs).
-    pub async fn serve(self, listener: TcpListener, shutdown: impl Future<Output = ()> + Send) -> Result<(), ServerError> {
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), ServerError> {
         let local = listener.local_addr().ok();
         let server_tls = tls::server_config(&self.identity, self.revoked.clone())?;
         let incoming = tls::serve_incoming(listener, server_tls, self.config.max_connections);
@@ -254,6 +258,10 @@ impl LoadedDirectory {
 ///
 /// `config.listen` is not used here: the caller binds (tests bind `127.0.0.1:0` and read the port first).
 /// Returns once every connection has closed; the data directory is released when this returns.
-pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Output = ()> + Send) -> Result<(), ServerError> {
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServerError> {
     LoadedDirectory::load(config).await?.serve(listener, shutdown).await
 }

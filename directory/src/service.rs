@@ -181,7 +181,8 @@ impl Core {
     async fn list_nodes(&self, req: ListNodesRequest) -> Result<ListNodesResponse> {
         let filter = (!req.department.is_empty()).then_some(req.department.as_str());
         if let Some(d) = filter {
-            client_sdk::identity::validate_department(d).map_err(|e| DirectoryError::invalid("department", e.to_string()))?;
+            client_sdk::identity::validate_department(d)
+                .map_err(|e| DirectoryError::invalid("department", e.to_string()))?;
         }
         let now = now_unix_ms();
         let nodes = self.stores.nodes.list(filter).await?.iter().map(|n| n.to_info(now)).collect();
@@ -205,7 +206,11 @@ impl Core {
     }
 
     /// Ownership check, durable write, index, notify. Runs in its own task (see the module docs).
-    async fn commit_publish(self: Arc<Self>, id: PeerIdentity, entries: Vec<CatalogEntry>) -> Result<PublishEntriesResponse> {
+    async fn commit_publish(
+        self: Arc<Self>,
+        id: PeerIdentity,
+        entries: Vec<CatalogEntry>,
+    ) -> Result<PublishEntriesResponse> {
         let _write = self.write_lock.lock().await;
         let codes: Vec<String> = entries.iter().map(|e| e.resource_code.clone()).collect();
         let existing = self.stores.catalog.get_many(&codes).await?;
@@ -338,12 +343,21 @@ impl Core {
                 req.from_version
             )));
         }
-        Ok(change_stream(self.stores.catalog.clone(), self.versions.subscribe(), self.shutdown.clone(), req.from_version))
+        Ok(change_stream(
+            self.stores.catalog.clone(),
+            self.versions.subscribe(),
+            self.shutdown.clone(),
+            req.from_version,
+        ))
     }
 
     // ---- revocations ----
 
-    async fn revoke(self: Arc<Self>, id: PeerIdentity, req: RevokeCertificateRequest) -> Result<RevokeCertificateResponse> {
+    async fn revoke(
+        self: Arc<Self>,
+        id: PeerIdentity,
+        req: RevokeCertificateRequest,
+    ) -> Result<RevokeCertificateResponse> {
         allow(&id, &[Role::Operator], "RevokeCertificate")?;
         let approved = self.authority.approve(&id, &req.serial_hex, &req.certificate_der, &req.reason)?;
         let revocation = Revocation {
@@ -379,20 +393,31 @@ fn reply<T>(r: Result<T>) -> std::result::Result<Response<T>, Status> {
 
 #[tonic::async_trait]
 impl Directory for DirectoryService {
-    async fn register_node(&self, req: Request<RegisterNodeRequest>) -> std::result::Result<Response<RegisterNodeResponse>, Status> {
+    async fn register_node(
+        &self,
+        req: Request<RegisterNodeRequest>,
+    ) -> std::result::Result<Response<RegisterNodeResponse>, Status> {
         reply(async { self.core.register_node(identity(&req)?, req.into_inner()).await }.await)
     }
 
-    async fn heartbeat(&self, req: Request<HeartbeatRequest>) -> std::result::Result<Response<HeartbeatResponse>, Status> {
+    async fn heartbeat(
+        &self,
+        req: Request<HeartbeatRequest>,
+    ) -> std::result::Result<Response<HeartbeatResponse>, Status> {
         reply(async { self.core.heartbeat(identity(&req)?).await }.await)
     }
 
-    async fn list_nodes(&self, req: Request<ListNodesRequest>) -> std::result::Result<Response<ListNodesResponse>, Status> {
-        reply(async {
-            identity(&req)?;
-            self.core.list_nodes(req.into_inner()).await
-        }
-        .await)
+    async fn list_nodes(
+        &self,
+        req: Request<ListNodesRequest>,
+    ) -> std::result::Result<Response<ListNodesResponse>, Status> {
+        reply(
+            async {
+                identity(&req)?;
+                self.core.list_nodes(req.into_inner()).await
+            }
+            .await,
+        )
     }
 
     async fn publish_entries(
@@ -427,33 +452,39 @@ impl Directory for DirectoryService {
     }
 
     async fn get_entry(&self, req: Request<GetEntryRequest>) -> std::result::Result<Response<CatalogEntry>, Status> {
-        reply(async {
-            identity(&req)?;
-            self.core.get_entry(req.into_inner()).await
-        }
-        .await)
+        reply(
+            async {
+                identity(&req)?;
+                self.core.get_entry(req.into_inner()).await
+            }
+            .await,
+        )
     }
 
     async fn search_catalog(
         &self,
         req: Request<SearchCatalogRequest>,
     ) -> std::result::Result<Response<SearchCatalogResponse>, Status> {
-        reply(async {
-            identity(&req)?;
-            self.core.search(req.into_inner()).await
-        }
-        .await)
+        reply(
+            async {
+                identity(&req)?;
+                self.core.search(req.into_inner()).await
+            }
+            .await,
+        )
     }
 
     async fn resolve_resource(
         &self,
         req: Request<ResolveResourceRequest>,
     ) -> std::result::Result<Response<ResolveResourceResponse>, Status> {
-        reply(async {
-            identity(&req)?;
-            self.core.resolve(req.into_inner()).await
-        }
-        .await)
+        reply(
+            async {
+                identity(&req)?;
+                self.core.resolve(req.into_inner()).await
+            }
+            .await,
+        )
     }
 
     type WatchCatalogStream = ChangeStream;
@@ -462,13 +493,15 @@ impl Directory for DirectoryService {
         &self,
         req: Request<WatchCatalogRequest>,
     ) -> std::result::Result<Response<Self::WatchCatalogStream>, Status> {
-        reply(async {
-            let id = identity(&req)?;
-            let req = req.into_inner();
-            tracing::debug!(caller = %id, from_version = req.from_version, "catalog watch started");
-            self.core.watch(req).await
-        }
-        .await)
+        reply(
+            async {
+                let id = identity(&req)?;
+                let req = req.into_inner();
+                tracing::debug!(caller = %id, from_version = req.from_version, "catalog watch started");
+                self.core.watch(req).await
+            }
+            .await,
+        )
     }
 
     async fn revoke_certificate(
@@ -488,11 +521,13 @@ impl Directory for DirectoryService {
         &self,
         req: Request<ListRevocationsRequest>,
     ) -> std::result::Result<Response<ListRevocationsResponse>, Status> {
-        reply(async {
-            identity(&req)?;
-            Ok(ListRevocationsResponse { revocations: self.core.stores.revocations.list().await? })
-        }
-        .await)
+        reply(
+            async {
+                identity(&req)?;
+                Ok(ListRevocationsResponse { revocations: self.core.stores.revocations.list().await? })
+            }
+            .await,
+        )
     }
 
     async fn who_am_i(&self, req: Request<WhoAmIRequest>) -> std::result::Result<Response<WhoAmIResponse>, Status> {

@@ -213,8 +213,8 @@ pub fn check_entry(entry: &CatalogEntry, prefix: &str, today: NaiveDate, out: &m
     let open = check_enum::<OpenAttribute>(entry.open_attribute, "open attribute");
     let open_condition_needed = matches!(open, Ok(OpenAttribute::ConditionallyOpen));
     c.check("open_attribute", open.map(drop));
-    let open_condition = check_text(&entry.open_condition, open_condition_needed, CONDITION_MAX_CHARS, true)
-        .map_err(|e| {
+    let open_condition =
+        check_text(&entry.open_condition, open_condition_needed, CONDITION_MAX_CHARS, true).map_err(|e| {
             if open_condition_needed && entry.open_condition.trim().is_empty() {
                 "is required when the resource is conditionally open".to_string()
             } else {
@@ -404,8 +404,13 @@ pub fn check_search(req: &SearchCatalogRequest) -> Vec<Violation> {
         }
     }
     let p = &req.classification_prefix;
-    if !p.is_empty() && (p.len() > 9 || !p.bytes().all(|b| b.is_ascii_digit()) || !matches!(p.as_bytes()[0], b'1'..=b'3')) {
-        out.push(Violation::new("classification_prefix", format!("must be up to 9 digits starting with 1, 2 or 3, got {p:?}")));
+    if !p.is_empty()
+        && (p.len() > 9 || !p.bytes().all(|b| b.is_ascii_digit()) || !matches!(p.as_bytes()[0], b'1'..=b'3'))
+    {
+        out.push(Violation::new(
+            "classification_prefix",
+            format!("must be up to 9 digits starting with 1, 2 or 3, got {p:?}"),
+        ));
     }
     if let Err(e) = check_text(&req.query, false, crate::search::MAX_QUERY_CHARS, false) {
         out.push(Violation::new("query", e));
@@ -432,8 +437,14 @@ mod tests {
             classification: "101001".into(),
             format: "database table".into(),
             data_items: vec![
-                DataItem { name: ENTERPRISE_KEY_ITEM.into(), data_type: DataType::String as i32, description: String::new() },
-                DataItem { name: "企业名称".into(), data_type: DataType::String as i32, description: "全称".into() },
+                DataItem {
+                    name: ENTERPRISE_KEY_ITEM.into(),
+                    data_type: DataType::String as i32,
+                    description: String::new(),
+                },
+                DataItem {
+                    name: "企业名称".into(), data_type: DataType::String as i32, description: "全称".into()
+                },
             ],
             share_type: ShareType::Unconditional as i32,
             share_methods: vec![ShareMethod::PullQuery as i32],
@@ -525,12 +536,15 @@ mod tests {
     #[test]
     fn dates_and_relations() {
         let mut e = valid_entry();
-        for (date, ok) in [("2026-11-22", true), ("2026-11-23", false), ("2024-02-30", false), ("2024-2-03", false), ("", false)] {
+        for (date, ok) in
+            [("2026-11-22", true), ("2026-11-23", false), ("2024-02-30", false), ("2024-2-03", false), ("", false)]
+        {
             e.publish_date = date.into();
             assert_eq!(fields(&e).is_empty(), ok, "{date}");
         }
         let mut e = valid_entry();
-        e.related_resource_codes = vec!["101001/000002".into(), e.resource_code.clone(), "bad".into(), "101001/000002".into()];
+        e.related_resource_codes =
+            vec!["101001/000002".into(), e.resource_code.clone(), "bad".into(), "101001/000002".into()];
         assert_eq!(
             fields(&e),
             ["e.related_resource_codes[1]", "e.related_resource_codes[2]", "e.related_resource_codes[3]"]
@@ -583,7 +597,20 @@ mod tests {
         for ok in ["tax-node.gov.local:7443", "127.0.0.1:1", "[::1]:443", "localhost:65535"] {
             assert_eq!(check_address(ok), Ok(()), "{ok}");
         }
-        for bad in ["", "host", "host:", "host:0", "host:65536", ":80", "0.0.0.0:80", "[::]:80", "a_b:80", "-a:80", "h:8x", "[::1:80"] {
+        for bad in [
+            "",
+            "host",
+            "host:",
+            "host:0",
+            "host:65536",
+            ":80",
+            "0.0.0.0:80",
+            "[::]:80",
+            "a_b:80",
+            "-a:80",
+            "h:8x",
+            "[::1:80",
+        ] {
             assert!(check_address(bad).is_err(), "{bad}");
         }
     }

@@ -46,7 +46,8 @@ pub fn change_stream(
     shutdown: watch::Receiver<bool>,
     from_version: u64,
 ) -> ChangeStream {
-    let state = FeedState { catalog, versions, shutdown, cursor: from_version, buffered: VecDeque::new(), finished: false };
+    let state =
+        FeedState { catalog, versions, shutdown, cursor: from_version, buffered: VecDeque::new(), finished: false };
     Box::pin(futures::stream::unfold(state, |mut s| async move {
         let item = next_change(&mut s).await?;
         Some((item, s))
@@ -64,7 +65,10 @@ async fn next_change(s: &mut FeedState) -> Option<Result<CatalogChange, Status>>
     loop {
         if *s.shutdown.borrow() {
             let cursor = s.cursor;
-            return end(s, Status::unavailable(format!("the directory is shutting down; resume from version {cursor}")));
+            return end(
+                s,
+                Status::unavailable(format!("the directory is shutting down; resume from version {cursor}")),
+            );
         }
         if let Some(change) = s.buffered.pop_front() {
             if change.version != s.cursor + 1 {

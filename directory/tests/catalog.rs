@@ -59,9 +59,12 @@ async fn publish_get_search_resolve_round_trip() {
         .into_inner();
     assert_eq!(resolved.entry.unwrap().name, "纳税人信用等级");
     assert!(resolved.providers.is_empty());
-    tax.register_node(RegisterNodeRequest { address: "tax-node.gov.local:7443".into(), software_version: "1.0".into() })
-        .await
-        .unwrap();
+    tax.register_node(RegisterNodeRequest {
+        address: "tax-node.gov.local:7443".into(),
+        software_version: "1.0".into(),
+    })
+    .await
+    .unwrap();
     let resolved = app
         .resolve_resource(ResolveResourceRequest { resource_code: "101001/000002".into() })
         .await
@@ -93,9 +96,8 @@ async fn invalid_batch_reports_every_bad_field_and_stores_nothing() {
     let mut wrong_class = entry("tax", 4);
     wrong_class.resource_code = "102001/000004".into();
     wrong_class.share_methods = vec![42];
-    let status = publish(&mut tax, vec![entry("tax", 1), bad_name, future, wrong_class, entry("tax", 1)])
-        .await
-        .unwrap_err();
+    let status =
+        publish(&mut tax, vec![entry("tax", 1), bad_name, future, wrong_class, entry("tax", 1)]).await.unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     assert_eq!(
         violation_fields(&status),
@@ -114,7 +116,9 @@ async fn invalid_batch_reports_every_bad_field_and_stores_nothing() {
 
     // the client library decodes the violations too
     let err = client_sdk::error::ClientError::from(status);
-    assert!(matches!(err, client_sdk::error::ClientError::InvalidArgument { ref violations, .. } if violations.len() == 6));
+    assert!(
+        matches!(err, client_sdk::error::ClientError::InvalidArgument { ref violations, .. } if violations.len() == 6)
+    );
 
     let empty = publish(&mut tax, vec![]).await.unwrap_err();
     assert_eq!(violation_fields(&empty), ["entries"]);
@@ -181,11 +185,18 @@ async fn app_certificate_may_read_but_not_write() {
     let mut app = f.client_as("tax", Role::App);
     let status = publish(&mut app, vec![entry("tax", 1)]).await.unwrap_err();
     assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
-    let status = app.withdraw_entries(WithdrawEntriesRequest { resource_codes: vec!["101001/000001".into()] }).await.unwrap_err();
+    let status = app
+        .withdraw_entries(WithdrawEntriesRequest { resource_codes: vec!["101001/000001".into()] })
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), Code::PermissionDenied);
-    let status = app.register_node(RegisterNodeRequest { address: "a:1".into(), ..Default::default() }).await.unwrap_err();
+    let status =
+        app.register_node(RegisterNodeRequest { address: "a:1".into(), ..Default::default() }).await.unwrap_err();
     assert_eq!(status.code(), Code::PermissionDenied);
-    let status = app.revoke_certificate(RevokeCertificateRequest { serial_hex: "01".into(), ..Default::default() }).await.unwrap_err();
+    let status = app
+        .revoke_certificate(RevokeCertificateRequest { serial_hex: "01".into(), ..Default::default() })
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), Code::PermissionDenied);
     assert_eq!(catalog_version(&mut app).await, 0);
     app.list_nodes(ListNodesRequest::default()).await.unwrap();
@@ -199,11 +210,14 @@ async fn unknown_codes_are_not_found() {
     publish(&mut tax, vec![entry("tax", 1)]).await.unwrap();
     assert_eq!(get(&mut tax, "101001/999999", false).await.unwrap_err().code(), Code::NotFound);
     assert_eq!(get(&mut tax, "101001/999999", true).await.unwrap_err().code(), Code::NotFound);
-    let status = tax.resolve_resource(ResolveResourceRequest { resource_code: "101001/999999".into() }).await.unwrap_err();
+    let status =
+        tax.resolve_resource(ResolveResourceRequest { resource_code: "101001/999999".into() }).await.unwrap_err();
     assert_eq!(status.code(), Code::NotFound);
     // a withdrawal batch naming one unknown code withdraws nothing
     let status = tax
-        .withdraw_entries(WithdrawEntriesRequest { resource_codes: vec!["101001/000001".into(), "101001/999999".into()] })
+        .withdraw_entries(WithdrawEntriesRequest {
+            resource_codes: vec!["101001/000001".into(), "101001/999999".into()],
+        })
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::NotFound);
@@ -233,7 +247,8 @@ async fn withdrawal_leaves_a_tombstone_and_bumps_the_version() {
     assert!(tomb.withdrawn);
     assert_eq!(tomb.version, 3);
     assert_eq!(tomb.name, "企业登记信息1");
-    let status = tax.resolve_resource(ResolveResourceRequest { resource_code: "101001/000001".into() }).await.unwrap_err();
+    let status =
+        tax.resolve_resource(ResolveResourceRequest { resource_code: "101001/000001".into() }).await.unwrap_err();
     assert_eq!(status.code(), Code::NotFound);
     assert_eq!(search_codes(&mut tax, "登记").await, vec![("101001/000002".to_string(), 2)]);
 

@@ -40,7 +40,10 @@ async fn watch_replays_in_order_follows_live_and_resumes_without_gaps() {
     let versions: Vec<u64> = seen.iter().map(|c| c.version).collect();
     assert_eq!(versions, [1, 2, 3, 4, 5, 6]);
     let codes: Vec<&str> = seen.iter().map(|c| c.entry.as_ref().unwrap().resource_code.as_str()).collect();
-    assert_eq!(codes, ["101001/000001", "101001/000002", "101001/000003", "101001/000004", "101001/000005", "101001/000002"]);
+    assert_eq!(
+        codes,
+        ["101001/000001", "101001/000002", "101001/000003", "101001/000004", "101001/000005", "101001/000002"]
+    );
     assert!(seen[..5].iter().all(|c| c.kind == ChangeKind::Upsert as i32 && !c.entry.as_ref().unwrap().withdrawn));
     assert_eq!(seen[5].kind, ChangeKind::Withdraw as i32);
     assert!(seen[5].entry.as_ref().unwrap().withdrawn);
@@ -147,7 +150,13 @@ async fn node_lease_lapses_to_offline_and_heartbeat_renews_it() {
     assert!(hb.lease_expires_unix_ms > directory::service::now_unix_ms());
     let list = app.list_nodes(ListNodesRequest::default()).await.unwrap().into_inner();
     assert_eq!(status_of(list), [NodeStatus::Online as i32]);
-    assert!(app.list_nodes(ListNodesRequest { department: "police".into() }).await.unwrap().into_inner().nodes.is_empty());
+    assert!(app
+        .list_nodes(ListNodesRequest { department: "police".into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .nodes
+        .is_empty());
 }
 
 #[tokio::test]
@@ -165,7 +174,10 @@ async fn restart_keeps_entries_versions_search_results_nodes_and_revocations() {
     tax.withdraw_entries(WithdrawEntriesRequest { resource_codes: vec!["101001/000004".into()] }).await.unwrap();
     tax.register_node(RegisterNodeRequest { address: "tax.local:7443".into(), ..Default::default() }).await.unwrap();
     dir.client(&op_id)
-        .revoke_certificate(RevokeCertificateRequest { serial_hex: doomed.identity.serial_hex.clone(), ..Default::default() })
+        .revoke_certificate(RevokeCertificateRequest {
+            serial_hex: doomed.identity.serial_hex.clone(),
+            ..Default::default()
+        })
         .await
         .unwrap();
 
@@ -226,7 +238,10 @@ async fn health_is_serving_and_reflection_lists_the_services() {
         use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
         use tonic_reflection::pb::v1::ServerReflectionRequest;
         let mut client = ServerReflectionClient::new(f.dir.channel(&id));
-        let req = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
+        let req = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
         let mut stream = client.server_reflection_info(futures::stream::iter([req])).await.unwrap().into_inner();
         let resp = stream.message().await.unwrap().unwrap();
         let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else { panic!("{resp:?}") };
@@ -241,7 +256,10 @@ async fn health_is_serving_and_reflection_lists_the_services() {
         use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse;
         use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
         let mut client = ServerReflectionClient::new(f.dir.channel(&id));
-        let req = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
+        let req = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
         let mut stream = client.server_reflection_info(futures::stream::iter([req])).await.unwrap().into_inner();
         let resp = stream.message().await.unwrap().unwrap();
         let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else { panic!("{resp:?}") };
@@ -323,4 +341,99 @@ async fn restart_with_100k_entries_is_ready_within_5_s() {
     assert_eq!(loaded.indexed_entries(), 100_000);
     assert_eq!(loaded.catalog_version(), 100_000);
     assert!(ready < Duration::from_secs(5), "ready in {ready:?}");
+}
+
+/// Durability for real: the `directory` binary is killed with SIGKILL while publishers are writing; after a
+/// restart every acknowledged write is there, with the version it was acknowledged with, and the change
+/// log has no gap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_directory_loses_no_acknowledged_write() {
+    let pki = Pki::new();
+    let data = tempfile::tempdir().unwrap();
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let config_path = data.path().join("directory.toml");
+    let paths = pki.paths("directory");
+    std::fs::write(
+        &config_path,
+        format!(
+            "listen = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+            data.path().join("db").display(),
+            paths.ca.display(),
+            paths.cert.display(),
+            paths.key.display()
+        ),
+    )
+    .unwrap();
+    let addr = format!("127.0.0.1:{port}");
+    let tax_id = pki.identity("tax", Role::Node, "tax-node");
+    /// Kills the child even when an assertion fails, so no directory process outlives the test.
+    struct KillOnDrop(std::process::Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let spawn = || {
+        KillOnDrop(
+            std::process::Command::new(env!("CARGO_BIN_EXE_directory"))
+                .arg("--config")
+                .arg(&config_path)
+                .env("RUST_LOG", "warn")
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let wait_ready = |addr: String, id: client_sdk::tls::TlsIdentity| async move {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let mut c = client_sdk::client::directory_client(&addr, &id).unwrap();
+            if c.who_am_i(WhoAmIRequest {}).await.is_ok() {
+                return c;
+            }
+            assert!(Instant::now() < deadline, "directory did not come up");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+
+    let mut child = spawn();
+    let mut tax = wait_ready(addr.clone(), tax_id.clone()).await;
+    // Publish batches until the process is killed under us; remember what was acknowledged.
+    let writer = tokio::spawn(async move {
+        let mut acknowledged: Vec<(String, u64)> = Vec::new();
+        for batch in 0..1000u32 {
+            let entries: Vec<CatalogEntry> = (0..20).map(|i| entry("tax", batch * 20 + i + 1)).collect();
+            let codes: Vec<String> = entries.iter().map(|e| e.resource_code.clone()).collect();
+            match publish(&mut tax, entries).await {
+                Ok(resp) => acknowledged.extend(codes.into_iter().zip(resp.entry_versions)),
+                Err(_) => break,
+            }
+        }
+        acknowledged
+    });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    child.0.kill().unwrap(); // SIGKILL: no shutdown, no final flush
+    child.0.wait().unwrap();
+    let acknowledged = writer.await.unwrap();
+    assert!(acknowledged.len() >= 20, "some writes were acknowledged before the kill");
+
+    let child = spawn();
+    let mut tax = wait_ready(addr.clone(), tax_id).await;
+    let version = catalog_version(&mut tax).await;
+    let last_acknowledged = acknowledged.last().unwrap().1;
+    // Unacknowledged writes may or may not have made it; acknowledged ones must have.
+    assert!(version >= last_acknowledged, "version {version} < last acknowledged {last_acknowledged}");
+    for (code, v) in &acknowledged {
+        assert_eq!(get(&mut tax, code, false).await.unwrap().version, *v, "{code}");
+    }
+    let mut stream = tax.watch_catalog(WatchCatalogRequest { from_version: 0 }).await.unwrap().into_inner();
+    for v in 1..=version {
+        assert_eq!(next_change(&mut stream).await.version, v);
+    }
+    println!("{} writes acknowledged before SIGKILL; catalog version after restart {version}", acknowledged.len());
+    drop(child);
 }

@@ -79,7 +79,14 @@ async fn revoked_certificate_is_refused_on_new_and_open_connections() {
     let revoked = central
         .revoke_certificate(RevokeCertificateRequest {
             // as an operator might type it: upper case with colons
-            serial_hex: me.serial_hex.to_uppercase().as_bytes().chunks(2).map(|c| std::str::from_utf8(c).unwrap()).collect::<Vec<_>>().join(":"),
+            serial_hex: me
+                .serial_hex
+                .to_uppercase()
+                .as_bytes()
+                .chunks(2)
+                .map(|c| std::str::from_utf8(c).unwrap())
+                .collect::<Vec<_>>()
+                .join(":"),
             certificate_der: vec![],
             reason: "key compromised".into(),
         })

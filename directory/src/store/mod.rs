@@ -63,7 +63,8 @@ pub trait CatalogStore: Send + Sync {
     /// Up to `limit` live (not withdrawn) entries whose resource code sorts after `after_code` (all from
     /// the start when `None`), in resource code order. Pages through the catalog for the index rebuild
     /// without holding it all in one backend call.
-    async fn live_entries_after(&self, after_code: Option<&str>, limit: usize) -> Result<Vec<CatalogEntry>, StoreError>;
+    async fn live_entries_after(&self, after_code: Option<&str>, limit: usize)
+        -> Result<Vec<CatalogEntry>, StoreError>;
 }
 
 /// A registered exchange node. Department and name come from the node's certificate.

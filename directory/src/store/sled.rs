@@ -54,7 +54,8 @@ fn node_key(department: &str, node_name: &str) -> Vec<u8> {
 }
 
 fn decode<M: Message + Default>(key: &[u8], bytes: &[u8]) -> Result<M, StoreError> {
-    M::decode(bytes).map_err(|e| StoreError::Corrupt { key: String::from_utf8_lossy(key).into_owned(), reason: e.to_string() })
+    M::decode(bytes)
+        .map_err(|e| StoreError::Corrupt { key: String::from_utf8_lossy(key).into_owned(), reason: e.to_string() })
 }
 
 fn read_u64(key: &[u8], bytes: &[u8]) -> Result<u64, StoreError> {
@@ -66,7 +67,9 @@ fn read_u64(key: &[u8], bytes: &[u8]) -> Result<u64, StoreError> {
 }
 
 /// Runs a blocking sled call (scans, batches) off the async worker threads.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, StoreError> + Send + 'static) -> Result<T, StoreError> {
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
     tokio::task::spawn_blocking(f).await.map_err(|e| StoreError::Backend(format!("storage task failed: {e}")))?
 }
 
@@ -102,7 +105,9 @@ impl SledCatalogStore {
                 if schema != SCHEMA_VERSION {
                     return Err(StoreError::Corrupt {
                         key: "m/schema".into(),
-                        reason: format!("data directory has layout version {schema}, this build reads {SCHEMA_VERSION}"),
+                        reason: format!(
+                            "data directory has layout version {schema}, this build reads {SCHEMA_VERSION}"
+                        ),
                     });
                 }
             }
@@ -192,7 +197,8 @@ impl CatalogStore for SledCatalogStore {
                 let pending = changes.iter().rev().find_map(|c| c.entry.as_ref().filter(|e| &e.resource_code == code));
                 let mut entry = match pending {
                     Some(e) => e.clone(),
-                    None => SledCatalogStore::get_sync(&tree, code)?.ok_or_else(|| StoreError::MissingEntry(code.clone()))?,
+                    None => SledCatalogStore::get_sync(&tree, code)?
+                        .ok_or_else(|| StoreError::MissingEntry(code.clone()))?,
                 };
                 next += 1;
                 entry.version = next;
@@ -239,7 +245,11 @@ impl CatalogStore for SledCatalogStore {
         Ok(self.durable.load(Ordering::Acquire))
     }
 
-    async fn live_entries_after(&self, after_code: Option<&str>, limit: usize) -> Result<Vec<CatalogEntry>, StoreError> {
+    async fn live_entries_after(
+        &self,
+        after_code: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<CatalogEntry>, StoreError> {
         let tree = self.tree.clone();
         let start = match after_code {
             Some(code) => Bound::Excluded(entry_key(code)),
@@ -401,10 +411,7 @@ mod tests {
             assert_eq!(stored.iter().map(|e| e.version).collect::<Vec<_>>(), vec![1, 2]);
             let tomb = stores.catalog.withdraw(vec!["1/000001".into()]).await.unwrap();
             assert_eq!((tomb[0].version, tomb[0].withdrawn), (3, true));
-            assert!(matches!(
-                stores.catalog.withdraw(vec!["1/000009".into()]).await,
-                Err(StoreError::MissingEntry(_))
-            ));
+            assert!(matches!(stores.catalog.withdraw(vec!["1/000009".into()]).await, Err(StoreError::MissingEntry(_))));
             assert_eq!(stores.catalog.current_version().await.unwrap(), 3);
         }
         let stores = open(dir.path()).unwrap();

@@ -164,7 +164,11 @@ pub fn entry(department: &str, seq: u32) -> CatalogEntry {
         classification: "101001".into(),
         format: "database table".into(),
         data_items: vec![
-            DataItem { name: "统一社会信用代码".into(), data_type: DataType::String as i32, description: String::new() },
+            DataItem {
+                name: "统一社会信用代码".into(),
+                data_type: DataType::String as i32,
+                description: String::new(),
+            },
             DataItem { name: "企业名称".into(), data_type: DataType::String as i32, description: "全称".into() },
         ],
         share_type: ShareType::Unconditional as i32,
@@ -194,11 +198,12 @@ pub async fn catalog_version(client: &mut DirectoryClient<Channel>) -> u64 {
         .catalog_version
 }
 
-pub async fn get(client: &mut DirectoryClient<Channel>, code: &str, include_withdrawn: bool) -> Result<CatalogEntry, tonic::Status> {
-    client
-        .get_entry(GetEntryRequest { resource_code: code.into(), include_withdrawn })
-        .await
-        .map(|r| r.into_inner())
+pub async fn get(
+    client: &mut DirectoryClient<Channel>,
+    code: &str,
+    include_withdrawn: bool,
+) -> Result<CatalogEntry, tonic::Status> {
+    client.get_entry(GetEntryRequest { resource_code: code.into(), include_withdrawn }).await.map(|r| r.into_inner())
 }
 
 /// Resource codes and versions of a search's hits, in rank order.
