@@ -78,6 +78,22 @@ pub struct SearchPage {
     pub classification_facets: Vec<(String, u64)>,
 }
 
+/// An order-preserving number for a resource code: each of up to 16 characters as a base-12 digit
+/// (0 = past the end, 1 = '/', 2..=11 = '0'..='9'), so comparing keys compares codes as strings.
+/// Valid codes are at most 16 characters (9-digit classification, '/', 6-digit sequence); anything else
+/// still gets a key, just not a meaningful one.
+fn code_sort_key(code: &str) -> u64 {
+    let mut chars = code.chars();
+    (0..16).fold(0u64, |key, _| {
+        let digit = match chars.next() {
+            None => 0,
+            Some('/') => 1,
+            Some(c) => c.to_digit(10).map_or(11, |d| 2 + d as u64),
+        };
+        key * 12 + digit
+    })
+}
+
 /// Schema field names. String fields named here are also the fast-field column names.
 const RESOURCE_CODE: &str = "resource_code";
 const NAME: &str = "name";
@@ -87,6 +103,9 @@ const PROVIDER_CODE: &str = "provider_code";
 const SHARE_TYPE: &str = "share_type";
 const RECORD_KIND: &str = "record_kind";
 const UPDATE_CYCLE: &str = "update_cycle";
+/// [`code_sort_key`] of the resource code: breaks score ties by code with one fast-field read per hit, so a
+/// ranking is the same before and after a restart (whose rebuild inserts documents in another order).
+const CODE_SORT_KEY: &str = "code_sort_key";
 /// Every prefix of the classification (1 to 9 digits), so any prefix filter is one term query.
 const CLASSIFICATION_PREFIXES: &str = "classification_prefixes";
 
@@ -135,6 +154,7 @@ pub struct CatalogIndex {
 /// Field handles of the schema.
 struct Fields {
     resource_code: Field,
+    code_sort_key: Field,
     name: Field,
     summary: Field,
     data_items: Field,
@@ -251,13 +271,17 @@ impl CatalogIndex {
                 .collect::<Result<Vec<_>, _>>()?;
             (total_hits, hits, facet_counts)
         } else {
-            let by_score = page.order_by_score();
+            // Higher score first; on a tie, the smaller resource code (hence `Reverse`).
+            let by_score_then_code = page.tweak_score(|segment: &tantivy::SegmentReader| {
+                let codes = segment.fast_fields().u64(CODE_SORT_KEY).ok().map(|c| c.first_or_default_col(0));
+                move |doc: DocId, score: Score| (score, std::cmp::Reverse(codes.as_ref().map_or(0, |c| c.get_val(doc))))
+            });
             let (total_hits, ranked, facet_counts) = searcher
-                .search(query.as_ref(), &(Count, by_score, facets))
+                .search(query.as_ref(), &(Count, by_score_then_code, facets))
                 .map_err(|e| index_error("search", e))?;
             let hits = ranked
                 .into_iter()
-                .map(|(score, address)| Ok((self.stored_resource_code(&searcher, address)?, score)))
+                .map(|((score, _), address)| Ok((self.stored_resource_code(&searcher, address)?, score)))
                 .collect::<Result<Vec<_>, SearchError>>()?;
             (total_hits, hits, facet_counts)
         };
@@ -356,6 +380,7 @@ impl CatalogIndex {
         let fields = &self.fields;
         let mut doc = TantivyDocument::default();
         doc.add_text(fields.resource_code, &entry.resource_code);
+        doc.add_u64(fields.code_sort_key, code_sort_key(&entry.resource_code));
         doc.add_text(fields.name, &entry.name);
         doc.add_text(fields.summary, &entry.summary);
         for item in &entry.data_items {
@@ -588,6 +613,7 @@ fn build_schema() -> (Schema, Fields) {
         CLASSIFICATION_LEVELS.map(|(_, column)| builder.add_text_field(column, FAST));
     let fields = Fields {
         resource_code: builder.add_text_field(RESOURCE_CODE, STRING | FAST | STORED),
+        code_sort_key: builder.add_u64_field(CODE_SORT_KEY, FAST),
         name: builder.add_text_field(NAME, text.clone()),
         summary: builder.add_text_field(SUMMARY, text.clone()),
         data_items: builder.add_text_field(DATA_ITEMS, text),
@@ -917,6 +943,16 @@ impl SegmentCollector for FacetSegmentCollector {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn code_sort_key_orders_like_the_code_strings() {
+        let mut codes = vec!["3/000001", "101001/000002", "1/000009", "101/000001", "101001/000001", "2/000001", "101001001/999999"];
+        let mut by_key = codes.clone();
+        codes.sort();
+        by_key.sort_by_key(|c| code_sort_key(c));
+        assert_eq!(codes, by_key);
+    }
+
     use std::collections::HashSet;
     use std::sync::Arc;
     use std::time::{Duration, Instant};
