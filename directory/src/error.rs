@@ -107,9 +107,28 @@ impl From<DirectoryError> for Status {
     }
 }
 
+/// Budget for the field violations sent in one status. Details travel base64-encoded in the
+/// `grpc-status-details-bin` trailer, and HTTP/2 peers refuse header blocks over 16 KiB by default (the
+/// call then fails with a bare PROTOCOL_ERROR instead of INVALID_ARGUMENT), so a batch of thousands of
+/// bad entries reports the first violations that fit and says how many there were.
+const DETAILS_BUDGET_BYTES: usize = 6 * 1024;
+
 fn bad_request(message: String, violations: Vec<Violation>) -> Status {
-    let fvs: Vec<FieldViolation> =
-        violations.into_iter().map(|v| FieldViolation::new(v.field, v.description)).collect();
+    let total = violations.len();
+    let mut used = 0;
+    let fvs: Vec<FieldViolation> = violations
+        .into_iter()
+        .take_while(|v| {
+            used += v.field.len() + v.description.len() + 8;
+            used <= DETAILS_BUDGET_BYTES
+        })
+        .map(|v| FieldViolation::new(v.field, v.description))
+        .collect();
+    let message = if fvs.len() < total {
+        format!("{message}; the details list the first {} of {total} violations", fvs.len())
+    } else {
+        message
+    };
     Status::with_error_details(Code::InvalidArgument, message, ErrorDetails::with_bad_request(fvs))
 }
 
@@ -128,6 +147,18 @@ mod tests {
         let fields: Vec<&str> = br.field_violations.iter().map(|v| v.field.as_str()).collect();
         assert_eq!(fields, ["entries[0].name", "entries[1].summary"]);
         assert!(status.message().contains("1 more"));
+    }
+
+    #[test]
+    fn thousands_of_violations_fit_in_an_http2_trailer() {
+        let violations = (0..5000)
+            .map(|i| Violation::new(format!("entries[{i}].share_condition"), "is required for conditional resources"))
+            .collect();
+        let status: Status = DirectoryError::InvalidArgument { violations }.into();
+        assert!(status.details().len() < DETAILS_BUDGET_BYTES + 1024, "{} bytes", status.details().len());
+        let br = status.get_details_bad_request().expect("bad request details");
+        assert!(br.field_violations.len() > 50, "still lists many: {}", br.field_violations.len());
+        assert!(status.message().contains("of 5000 violations"), "{}", status.message());
     }
 
     #[test]

@@ -166,6 +166,7 @@ pub fn entry(dept_index: usize, n: usize, rng: &mut Rng) -> CatalogEntry {
         data_items[1].name,
         rng.pick(PURPOSES)
     );
+    let key_item = if kind == RecordKind::Other { data_items[0].name.clone() } else { String::new() };
     CatalogEntry {
         resource_code,
         name: format!("{region}{subject}{suffix}"),
@@ -184,7 +185,8 @@ pub fn entry(dept_index: usize, n: usize, rng: &mut Rng) -> CatalogEntry {
         publish_date: format!("2026-{:02}-{:02}", 1 + rng.below(10), 1 + rng.below(28)),
         related_resource_codes: Vec::new(),
         record_kind: kind as i32,
-        key_item: String::new(),
+        // Enterprise and population entries are keyed by their national identifier item; others name theirs.
+        key_item,
         version: 0,
         withdrawn: false,
     }
