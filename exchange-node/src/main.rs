@@ -9,6 +9,11 @@ use clap::Parser;
 use exchange_node::config::{Config, LogFormat};
 use tracing_subscriber::EnvFilter;
 
+/// mimalloc instead of glibc malloc: tantivy and the gRPC stack allocate heavily from several threads, and
+/// the benchmark measured search throughput doubling with it (docs/BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// A department's gov-exchange node.
 #[derive(Debug, Parser)]
 #[command(name = "exchange-node", version)]

@@ -10,6 +10,10 @@
 //! as they would on a single test box), with sled in a temporary directory.
 
 use std::sync::Arc;
+
+// The same allocator the server binaries use, so in-process figures match what they would see.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
@@ -141,6 +145,41 @@ fn sled_baseline(dir: &std::path::Path, batches: &[Vec<exchange_proto::v1::Catal
     Ok(n as f64 / start.elapsed().as_secs_f64())
 }
 
+/// The same searches straight against the index, one thread, no network, no store: separates the index's
+/// cost from the service's.
+fn index_only_search(
+    dept_batches: &[Vec<Vec<exchange_proto::v1::CatalogEntry>>],
+    phase: Duration,
+) -> anyhow::Result<LoadStats> {
+    let index = directory::search::CatalogIndex::new()?;
+    let all: Vec<_> = dept_batches.iter().flatten().flatten().cloned().collect();
+    index.upsert(&all)?;
+    let queries = workload::queries();
+    let started = Instant::now();
+    let mut latencies = Vec::new();
+    let mut i = 0usize;
+    while started.elapsed() < phase {
+        let t = Instant::now();
+        index.search(&search_request(i as u64, &queries))?;
+        latencies.push(t.elapsed());
+        i += 1;
+    }
+    latencies.sort_unstable();
+    Ok(LoadStats { calls: latencies.len() as u64, errors: 0, elapsed: started.elapsed(), latencies })
+}
+
+/// Search `i` of the benchmark mix: the query list in turn; every fourth search also filters, as portal
+/// users do.
+fn search_request(i: u64, queries: &[String]) -> SearchCatalogRequest {
+    let mut req = SearchCatalogRequest { query: queries[i as usize % queries.len()].clone(), ..Default::default() };
+    if i % 4 == 1 {
+        req.share_type = ShareType::Conditional as i32;
+    } else if i % 4 == 3 {
+        req.provider_code = "commerce".into();
+    }
+    req
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -189,6 +228,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let total_entries = per_dept * depts;
     let sled_rate = sled_baseline(&tmp.path().join("sled-baseline"), &dept_batches.concat())?;
+    let in_process = index_only_search(&dept_batches, phase)?;
 
     let data_dir = tmp.path().join("directory");
     let config = directory::config::Config::new("127.0.0.1:0", &data_dir, dir_paths.clone());
@@ -231,13 +271,7 @@ async fn main() -> anyhow::Result<()> {
         let queries = queries.clone();
         move |i: u64| {
             let mut c = clients[i as usize % clients.len()].clone();
-            let mut req = SearchCatalogRequest { query: queries[i as usize % queries.len()].clone(), ..Default::default() };
-            // Every fourth search also filters, as portal users do.
-            if i % 4 == 1 {
-                req.share_type = ShareType::Conditional as i32;
-            } else if i % 4 == 3 {
-                req.provider_code = "commerce".into();
-            }
+            let req = search_request(i, &queries);
             async move {
                 let resp = c.search_catalog(req).await?.into_inner();
                 if resp.total_hits > 0 && resp.hits.is_empty() {
@@ -264,6 +298,14 @@ async fn main() -> anyhow::Result<()> {
     rows.push(latency_row(&format!("search latency ({} in flight)", args.light_concurrency), &search_light, &echo_light, 50.0, ""));
     rows.push(latency_row(&format!("search latency ({} in flight)", args.light_concurrency), &search_light, &echo_light, 99.0, "≤ 10 ms"));
     rows.push(latency_row(&format!("search latency ({} in flight)", args.concurrency), &search_heavy, &echo_heavy, 99.0, "(saturated)"));
+
+    rows.push(Row {
+        figure: "search, index only (in process, 1 thread): p50 / p99".into(),
+        value: format!("{} / {}", ms(in_process.percentile(50.0)), ms(in_process.percentile(99.0))),
+        baseline: format!("{:.0} searches/s on one core", in_process.per_second()),
+        ratio: String::new(),
+        target: String::new(),
+    });
 
     // Restart: stop, reopen the same store, time until the first search answers with every entry.
     drop(search_clients);
