@@ -27,7 +27,8 @@
 
 use std::collections::HashMap;
 use std::fmt::Display;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
@@ -135,6 +136,27 @@ const WRITER_MEMORY_BYTES: usize = 160 * 1024 * 1024;
 /// this would only fragment the index into more segments.
 const MAX_WRITER_THREADS: usize = 2;
 
+/// Segments a search may span before they are merged into one. Every publish batch commits a
+/// segment, and a search pays per segment (a dictionary lookup per term, posting blocks, fast-field
+/// columns): measured at 100k entries, 16 segments searched at 60% of the speed of 2. Tantivy's log merge
+/// policy left 9 segments after a 100-batch load and merged out of sight of a manually reloaded reader,
+/// so the index merges everything itself, in the background, and reloads when the merge is done.
+const MAX_SEGMENTS: usize = 4;
+
+/// A merge of every searchable segment, if there are more than [`MAX_SEGMENTS`].
+fn start_full_merge(
+    writer: &mut IndexWriter<TantivyDocument>,
+) -> Option<tantivy::FutureResult<Option<tantivy::index::SegmentMeta>>> {
+    match writer.index().searchable_segment_ids() {
+        Ok(ids) if ids.len() > MAX_SEGMENTS => Some(writer.merge(&ids)),
+        Ok(_) => None,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot list index segments");
+            None
+        }
+    }
+}
+
 /// Page token layout: version byte, big-endian u32 offset, then the request fingerprint.
 const PAGE_TOKEN_VERSION: u8 = 1;
 const FINGERPRINT_LEN: usize = 8;
@@ -144,8 +166,10 @@ const PAGE_TOKEN_LEN: usize = 1 + 4 + FINGERPRINT_LEN;
 /// reader and never wait for the writer; writes are serialised by the writer mutex.
 pub struct CatalogIndex {
     fields: Fields,
-    writer: Mutex<IndexWriter<TantivyDocument>>,
+    writer: Arc<Mutex<IndexWriter<TantivyDocument>>>,
     reader: IndexReader,
+    /// True while a background merge runs; at most one at a time.
+    merging: Arc<AtomicBool>,
     /// Search-mode analyzer, the one documents are indexed with; also cuts query words into their parts.
     index_analyzer: TextAnalyzer,
     /// Default-mode analyzer: one segmentation of the query without overlapping words.
@@ -182,6 +206,7 @@ impl CatalogIndex {
         let writer = index
             .writer_with_num_threads(threads, WRITER_MEMORY_BYTES)
             .map_err(|e| index_error("create writer", e))?;
+        writer.set_merge_policy(Box::new(tantivy::indexer::NoMergePolicy));
         let reader = index
             .reader_builder()
             .reload_policy(ReloadPolicy::Manual)
@@ -190,8 +215,9 @@ impl CatalogIndex {
 
         let catalog_index = CatalogIndex {
             fields,
-            writer: Mutex::new(writer),
+            writer: Arc::new(Mutex::new(writer)),
             reader,
+            merging: Arc::new(AtomicBool::new(false)),
             index_analyzer,
             query_analyzer,
         };
@@ -350,7 +376,47 @@ impl CatalogIndex {
         }
         self.reader
             .reload()
-            .map_err(|e| index_error("reload reader", e))
+            .map_err(|e| index_error("reload reader", e))?;
+        self.merge_if_fragmented(writer);
+        Ok(())
+    }
+
+    /// Starts merging every segment into one when a search would span more than [`MAX_SEGMENTS`].
+    /// The merge runs on tantivy's merge thread; a helper thread waits for it, reloads the reader so
+    /// searches switch to the merged segment, and merges again if commits made during the merge left the
+    /// index fragmented. Deletes committed meanwhile are applied by tantivy when the merge ends.
+    fn merge_if_fragmented(&self, writer: &mut IndexWriter<TantivyDocument>) {
+        if self.merging.swap(true, Ordering::AcqRel) {
+            return; // the running helper looks again when its merge ends
+        }
+        let Some(first) = start_full_merge(writer) else {
+            self.merging.store(false, Ordering::Release);
+            return;
+        };
+        let (writer, reader, merging) = (self.writer.clone(), self.reader.clone(), self.merging.clone());
+        let spawned = std::thread::Builder::new().name("index-merge".into()).spawn(move || {
+            let mut merge = first;
+            loop {
+                if let Err(e) = merge.wait() {
+                    tracing::warn!(error = %e, "index merge failed; segments stay as they are");
+                }
+                if let Err(e) = reader.reload() {
+                    tracing::warn!(error = %e, "reload after index merge failed");
+                }
+                let next = match writer.lock() {
+                    Ok(mut w) => start_full_merge(&mut w),
+                    Err(_) => None,
+                };
+                match next {
+                    Some(m) => merge = m,
+                    None => break,
+                }
+            }
+            merging.store(false, Ordering::Release);
+        });
+        if spawned.is_err() {
+            self.merging.store(false, Ordering::Release);
+        }
     }
 
     /// The resource code of a hit, from the document store. Resolving it through the resource code
@@ -1548,6 +1614,31 @@ mod tests {
         assert!(search_codes(&index, &query("人口")).is_empty());
         index.remove(&[]).expect("empty remove");
         assert_eq!(index.len(), 3);
+    }
+
+    #[test]
+    fn many_small_commits_are_merged_in_the_background_without_losing_changes() {
+        let index = CatalogIndex::new().expect("new index");
+        for batch in 0..20 {
+            let entries: Vec<CatalogEntry> =
+                (0..5).map(|i| entry(&format!("101001/{:06}", batch * 5 + i + 1), "企业登记信息")).collect();
+            index.upsert(&entries).expect("upsert");
+            // Deletes committed while merges run must survive them.
+            if batch % 4 == 3 {
+                index.remove(&[format!("101001/{:06}", batch * 5 + 1)]).expect("remove");
+            }
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while index.reader.searcher().segment_readers().len() > MAX_SEGMENTS {
+            assert!(std::time::Instant::now() < deadline, "segments were never merged");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        assert_eq!(index.len(), 95);
+        let page = index
+            .search(&SearchCatalogRequest { query: "企业 登记".into(), page_size: 200, ..Default::default() })
+            .expect("search");
+        assert_eq!(page.total_hits, 95);
+        assert!(!page.hits.iter().any(|(code, _)| code == "101001/000016"), "a removed entry came back");
     }
 
     #[test]

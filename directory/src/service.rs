@@ -18,7 +18,7 @@ use client_sdk::identity::{PeerIdentity, Role};
 use client_sdk::tls::RevocationSet;
 use exchange_proto::v1::directory_server::Directory;
 use exchange_proto::v1::*;
-use tokio::sync::{watch, Mutex};
+use tokio::sync::{watch, Mutex, Semaphore};
 use tonic::{Request, Response, Status};
 
 use crate::error::{DirectoryError, Violation};
@@ -55,6 +55,9 @@ struct Core {
     versions: watch::Sender<u64>,
     /// Turns true when the server starts shutting down; ends watch streams.
     shutdown: watch::Receiver<bool>,
+    /// Index calls running at once: one per core. Searches are CPU-bound; letting every in-flight call
+    /// run its own blocking thread only adds context switches and cache misses under load.
+    index_slots: Semaphore,
 }
 
 /// The Directory service implementation. Cheap to clone.
@@ -85,6 +88,7 @@ impl DirectoryService {
                 write_lock: Mutex::new(()),
                 versions,
                 shutdown,
+                index_slots: Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get())),
             }),
         }
     }
@@ -116,6 +120,7 @@ impl Core {
         &self,
         f: impl FnOnce(&CatalogIndex) -> Result<T, crate::search::SearchError> + Send + 'static,
     ) -> Result<T> {
+        let _slot = self.index_slots.acquire().await.map_err(|_| DirectoryError::ShuttingDown)?;
         let index = self.index.clone();
         Ok(tokio::task::spawn_blocking(move || f(&index)).await.map_err(task_failed)??)
     }

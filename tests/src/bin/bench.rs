@@ -262,7 +262,9 @@ async fn main() -> anyhow::Result<()> {
         "≥ 10,000 entries/s",
     ));
 
-    // Search at full size.
+    // Search at full size, once the index has merged the segments the publish batches left (the
+    // directory merges in the background; a catalog is searched far more than it is bulk-loaded).
+    tokio::time::sleep(Duration::from_secs(3)).await;
     let search_channels = channels(&running.addr, &reader, args.connections).await?;
     let search_clients = Arc::new(directory_clients(&search_channels));
     let queries = Arc::new(workload::queries());
