@@ -14,4 +14,12 @@ export GX_PYTHON="$PWD/.venv/bin/python"
 
 # The end-to-end tests start the binaries from target/debug: build them first, in the same profile.
 cargo build --workspace --bins --locked
-cargo test --workspace --locked "$@"
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+status=0
+cargo test --workspace --locked --no-fail-fast "$@" 2>&1 | tee "$log" || status=$?
+
+# One closing line over every test binary (cargo prints one per binary, the last often a 0-test doc run).
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i; if ($(i+1) ~ /^ignored/) s += $i } }
+     END { printf "\n%d passed, %d failed, %d skipped\n", p, f, s }' "$log"
+exit "$status"
