@@ -9,6 +9,7 @@
 //! - [`auth`]: per-call authentication (tonic interceptor) and role checks for servers.
 //! - [`ids`]: validation of unified social credit codes and citizen identity numbers, and masking.
 //! - [`client`]: typed connections to the directory and to a node, and batched catalog publishing.
+//! - [`process`]: what every server binary shares: log set-up and the shutdown signal.
 //! - [`catalog`]: catalog entries as TOML/JSON people edit and read, and their conversion to the wire type.
 //! - [`error`]: turns a gRPC `Status` (with google.rpc details) into a typed [`error::ClientError`].
 //! - [`cli`]: the operator CLI `exchangectl` (commands, output, tables); `src/bin/exchangectl.rs` only
@@ -22,6 +23,7 @@ pub mod error;
 pub mod identity;
 pub mod ids;
 pub mod pki;
+pub mod process;
 pub mod tls;
 
 pub use exchange_proto as proto;

@@ -37,16 +37,7 @@ pub enum ConfigError {
     Invalid(String),
 }
 
-/// How logs are written.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    /// Human-readable lines.
-    #[default]
-    Text,
-    /// One JSON object per line, for log collectors.
-    Json,
-}
+pub use client_sdk::process::LogFormat;
 
 /// Everything the directory server needs to start.
 #[derive(Clone, Debug, Deserialize)]

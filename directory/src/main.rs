@@ -5,8 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use directory::config::{Config, LogFormat};
-use tracing_subscriber::EnvFilter;
+use directory::config::Config;
 
 /// mimalloc instead of glibc malloc: tantivy and the gRPC stack allocate heavily from several threads, and
 /// the benchmark measured search throughput doubling with it (docs/BENCHMARKS.md).
@@ -26,47 +25,17 @@ struct Args {
 /// writes are already on disk, so cutting a straggler loses nothing.
 const DRAIN_LIMIT: Duration = Duration::from_secs(30);
 
-fn init_tracing(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => tracing::info!("Ctrl-C received"),
-        _ = term => tracing::info!("SIGTERM received"),
-    }
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let config = Config::from_file(&args.config)?;
-    init_tracing(config.log_format);
+    client_sdk::process::init_logging(config.log_format);
     let listener = tokio::net::TcpListener::bind(&config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
     let shutdown = async move {
-        shutdown_signal().await;
+        client_sdk::process::shutdown_signal().await;
         let _ = stopping_tx.send(());
     };
     let server = directory::run(listener, config, shutdown);

@@ -45,14 +45,7 @@ pub struct Config {
     pub log_format: LogFormat,
 }
 
-/// `text` for people, `json` (one object per line) for log collectors.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    #[default]
-    Text,
-    Json,
-}
+pub use client_sdk::process::LogFormat;
 
 fn default_max_connections() -> usize {
     DEFAULT_MAX_CONNECTIONS
