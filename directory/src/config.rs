@@ -151,6 +151,14 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_example_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/config/directory.example.toml");
+        let c = Config::from_file(&path).expect("deploy/config/directory.example.toml must stay valid");
+        c.validate().expect("example validates");
+        assert_eq!(c.lease_ttl_seconds, 15);
+    }
+
+    #[test]
     fn refuses_unknown_keys_and_bad_values() {
         let base = "listen = \"x:1\"\ndata_dir = \"d\"\n[tls]\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\n";
         assert!(Config::from_toml_str(base).is_ok());
