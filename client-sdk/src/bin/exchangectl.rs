@@ -9,6 +9,7 @@ use client_sdk::cli::{self, Cli};
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let json = cli.global.json;
+    let directory = cli.global.directory.clone();
     // One command at a time: a current-thread runtime is enough and starts faster.
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -19,6 +20,15 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(cli::run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => ExitCode::from(cli::report_error(&e, json)),
+        Err(e) => {
+            let code = cli::report_error(&e, json);
+            if code == cli::EXIT_UNREACHABLE {
+                eprintln!(
+                    "hint: is the server running? The directory is taken to be at {directory} \
+                     (--directory or EXCHANGE_DIRECTORY); node commands use --node."
+                );
+            }
+            ExitCode::from(code)
+        }
     }
 }

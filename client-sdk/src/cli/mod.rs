@@ -88,8 +88,8 @@ impl CliError {
     pub fn exit_code(&self) -> u8 {
         match self {
             CliError::Usage(_) => 2,
-            CliError::Client(e) if e.code() == tonic::Code::Unavailable => 3,
-            CliError::Publish { error, .. } if error.error.code() == tonic::Code::Unavailable => 3,
+            CliError::Client(e) if e.code() == tonic::Code::Unavailable => EXIT_UNREACHABLE,
+            CliError::Publish { error, .. } if error.error.code() == tonic::Code::Unavailable => EXIT_UNREACHABLE,
             _ => 1,
         }
     }
@@ -216,6 +216,9 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Whoami => nodes_cmd::whoami(&ctx).await,
     }
 }
+
+/// The exit status when a server could not be reached (1 is any other error, 2 a usage error).
+pub const EXIT_UNREACHABLE: u8 = 3;
 
 /// Prints a failed command's error: always as text on stderr, and with `--json` also as a JSON document
 /// on stdout. Returns the exit status.
