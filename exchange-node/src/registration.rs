@@ -1,5 +1,5 @@
 //! Keeping the node known to the directory: register, heartbeat, re-register when the lease is lost,
-//! publish the configured catalog file once, and keep the revocation list current.
+//! publish the configured catalog file after each registration, and keep the revocation list current.
 //!
 //! The directory takes the node's department and name from its certificate; the request only carries the
 //! address others reach the node at. Every directory call uses the node's own identity.
@@ -10,10 +10,11 @@
 //!   NOT_FOUND means the directory no longer holds the lease (it expired, or the directory lost it):
 //!   register again. Any other failure is retried with backoff, never slower than the heartbeat interval,
 //!   so a short directory outage does not cost the lease. The revocation list is refreshed along the way.
-//! - the catalog task (only with `catalog_file`): waits for the first successful registration, then
-//!   publishes the file in batches, resuming after the last accepted batch on transient errors. A file
-//!   the directory refuses (INVALID_ARGUMENT, PERMISSION_DENIED, OUT_OF_RANGE) is logged with every field
-//!   violation and not retried: the same bytes would be refused again.
+//! - the catalog task (only with `catalog_file`): after each successful registration (the first, and any
+//!   after a lost lease, when the directory may have lost its state) publishes the file in batches,
+//!   resuming after the last accepted batch on transient errors. A file the directory refuses
+//!   (INVALID_ARGUMENT, PERMISSION_DENIED, OUT_OF_RANGE) is logged with every field violation and not
+//!   retried: the same bytes would be refused again.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -136,7 +137,9 @@ impl Registrar {
     /// true; await the handle to know they have.
     pub fn spawn(self, shutdown: watch::Receiver<bool>) -> JoinHandle<()> {
         let this = Arc::new(self);
-        let (registered_tx, registered_rx) = watch::channel(false);
+        // Counts registrations: the catalog task publishes after each, so a directory that lost its state
+        // (and so this node's lease) gets the catalog back along with the registration.
+        let (registered_tx, registered_rx) = watch::channel(0u64);
         let lease = tokio::spawn(this.clone().lease_task(shutdown.clone(), registered_tx));
         let catalog = this.catalog.clone().map(|c| tokio::spawn(this.clone().catalog_task(c, registered_rx, shutdown)));
         tokio::spawn(async move {
@@ -169,7 +172,7 @@ impl Registrar {
         self.directory.clone().heartbeat(self.request(HeartbeatRequest {})).await.map(|r| r.into_inner())
     }
 
-    async fn lease_task(self: Arc<Self>, mut shutdown: watch::Receiver<bool>, registered: watch::Sender<bool>) {
+    async fn lease_task(self: Arc<Self>, mut shutdown: watch::Receiver<bool>, registered: watch::Sender<u64>) {
         let mut backoff = Backoff::new(self.timing.backoff_start, self.timing.backoff_max);
         let mut revocations = RevocationSync::default();
         'register: loop {
@@ -207,7 +210,7 @@ impl Registrar {
             if let Err(e) = self.store.save_registration(&grant) {
                 tracing::warn!(error = %e, "could not remember the registration");
             }
-            let _ = registered.send(true);
+            registered.send_modify(|n| *n += 1);
             if unless_stopped(revocations.refresh(&self), &mut shutdown).await.is_none() {
                 return;
             }
@@ -248,13 +251,30 @@ impl Registrar {
     async fn catalog_task(
         self: Arc<Self>,
         catalog: CatalogToPublish,
-        mut registered: watch::Receiver<bool>,
+        mut registered: watch::Receiver<u64>,
         mut shutdown: watch::Receiver<bool>,
     ) {
-        tokio::select! {
-            _ = stopped(&mut shutdown) => return,
-            first = registered.wait_for(|r| *r) => if first.is_err() { return },
+        let mut published_for = 0u64;
+        loop {
+            let registration = tokio::select! {
+                _ = stopped(&mut shutdown) => return,
+                next = registered.wait_for(|n| *n > published_for) => match next {
+                    Ok(n) => *n,
+                    Err(_) => return,
+                },
+            };
+            if published_for > 0 {
+                tracing::info!("registered again: publishing the catalog file again");
+            }
+            published_for = registration;
+            if !self.publish_catalog(&catalog, &mut shutdown).await {
+                return;
+            }
         }
+    }
+
+    /// Publishes the catalog file until it is accepted or refused for good. False when shutting down.
+    async fn publish_catalog(&self, catalog: &CatalogToPublish, shutdown: &mut watch::Receiver<bool>) -> bool {
         let file = catalog.path.display().to_string();
         let total = catalog.entries.len();
         let mut backoff = Backoff::new(self.timing.backoff_start, self.timing.backoff_max);
@@ -270,19 +290,19 @@ impl Registrar {
                 },
                 |n| self.state.published(n, 0),
             );
-            let Some(result) = unless_stopped(publish, &mut shutdown).await else { return };
+            let Some(result) = unless_stopped(publish, shutdown).await else { return false };
             match result {
                 Ok(outcome) => {
                     self.state.catalog_version_seen(outcome.catalog_version);
                     tracing::info!(%file, entries = total, catalog_version = outcome.catalog_version, "catalog published");
-                    return;
+                    return true;
                 }
                 Err(BatchPublishError { accepted: newly, error }) => {
                     accepted += newly;
                     if matches!(error.code(), Code::InvalidArgument | Code::PermissionDenied | Code::OutOfRange) {
                         log_rejected_catalog(&file, &catalog.entries, accepted, &error);
                         self.state.directory_error(format!("catalog file {file} refused: {error}"));
-                        return;
+                        return true;
                     }
                     let delay = match &error {
                         ClientError::ResourceExhausted { retry_after: Some(d), .. } => *d,
@@ -290,8 +310,8 @@ impl Registrar {
                     };
                     tracing::warn!(%file, %error, accepted, total, retry_in = ?delay, "catalog publish failed; will retry");
                     self.state.directory_error(error.to_string());
-                    if sleep_or_stop(delay, &mut shutdown).await {
-                        return;
+                    if sleep_or_stop(delay, shutdown).await {
+                        return false;
                     }
                 }
             }

@@ -310,6 +310,12 @@ async fn node_registers_publishes_forwards_and_reregisters() {
         async move { node_online(&mut c, "tax").await }
     })
     .await;
+    // ...and publishes its catalog file again into the empty directory.
+    wait_for("the catalog file published again", Duration::from_secs(15), || {
+        let mut c = central.clone();
+        async move { (provider_total(&mut c, "tax").await == file_entries).then_some(()) }
+    })
+    .await;
 
     node.stop().await.expect("graceful shutdown");
     dir.stop().await;
