@@ -14,6 +14,8 @@
 //! - [`state`]: the node's live status, shared by registration and `NodeStatus`.
 //! - [`store`]: what survives a restart ([`store::NodeStore`], on sled).
 //! - [`error`]: [`error::NodeError`] and its one mapping to gRPC statuses.
+//! - [`audit`]: the hash-chained, signed audit trail and its verification (storage half; the relay that
+//!   writes to it comes with the record-exchange issue).
 //! - `src/main.rs`: `exchange-node --config FILE`: logging, binding, signals.
 //!
 //! # Invariants
@@ -24,6 +26,7 @@
 //! - Directory errors reach the node's callers with the directory's code, message and details.
 
 pub mod config;
+pub mod audit;
 pub mod error;
 pub mod registration;
 pub mod server;
