@@ -16,6 +16,8 @@
 //! - [`error`]: [`error::NodeError`] and its one mapping to gRPC statuses.
 //! - [`audit`]: the hash-chained, signed audit trail and its verification (storage half; the relay that
 //!   writes to it comes with the record-exchange issue).
+//! - [`quota`]: per-consumer, per-resource rate limits (governor), reloadable (the relay that enforces
+//!   them comes with the record-exchange issue).
 //! - `src/main.rs`: `exchange-node --config FILE`: logging, binding, signals.
 //!
 //! # Invariants
@@ -27,6 +29,7 @@
 
 pub mod config;
 pub mod audit;
+pub mod quota;
 pub mod error;
 pub mod registration;
 pub mod server;
