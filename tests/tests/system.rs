@@ -283,7 +283,7 @@ fn catalog_watch_streams_every_change_in_order_and_resumes() {
     });
     assert_eq!(seen, (1..=total).collect::<Vec<_>>(), "every version once, in order");
     let text = std::fs::read_to_string(&watch_log).unwrap();
-    let last: Value = serde_json::from_str(text.lines().filter(|l| l.starts_with('{')).last().unwrap()).unwrap();
+    let last: Value = serde_json::from_str(text.lines().rfind(|l| l.starts_with('{')).unwrap()).unwrap();
     assert_eq!(last["kind"], "withdraw");
     watch.kill();
 
