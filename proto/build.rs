@@ -14,6 +14,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             &[
                 "proto/govexchange/v1/catalog.proto",
                 "proto/govexchange/v1/directory.proto",
+                "proto/govexchange/v1/records.proto",
                 "proto/govexchange/v1/node.proto",
                 "proto/govexchange/v1/bench.proto",
             ],

@@ -371,6 +371,7 @@ impl Core {
             reason: req.reason,
             revoked_by: id.to_string(),
             revoked_at_unix_ms: now_unix_ms(),
+            version: 0, // assigned by the store
         };
         let stored = self.stores.revocations.revoke(revocation).await?;
         self.revoked.insert(stored.serial_hex.clone());
@@ -542,5 +543,37 @@ impl Directory for DirectoryService {
             name: id.name,
             serial_hex: id.serial_hex,
         }))
+    }
+
+    type WatchRevocationsStream =
+        std::pin::Pin<Box<dyn futures::Stream<Item = std::result::Result<Revocation, Status>> + Send + 'static>>;
+    async fn watch_revocations(
+        &self,
+        _req: Request<WatchRevocationsRequest>,
+    ) -> std::result::Result<Response<Self::WatchRevocationsStream>, Status> {
+        Err(Status::unimplemented("TODO"))
+    }
+    async fn request_grant(&self, _req: Request<RequestGrantRequest>) -> std::result::Result<Response<Grant>, Status> {
+        Err(Status::unimplemented("TODO"))
+    }
+    async fn decide_grant(&self, _req: Request<DecideGrantRequest>) -> std::result::Result<Response<Grant>, Status> {
+        Err(Status::unimplemented("TODO"))
+    }
+    async fn revoke_grant(&self, _req: Request<RevokeGrantRequest>) -> std::result::Result<Response<Grant>, Status> {
+        Err(Status::unimplemented("TODO"))
+    }
+    async fn list_grants(
+        &self,
+        _req: Request<ListGrantsRequest>,
+    ) -> std::result::Result<Response<ListGrantsResponse>, Status> {
+        Err(Status::unimplemented("TODO"))
+    }
+    type WatchGrantsStream =
+        std::pin::Pin<Box<dyn futures::Stream<Item = std::result::Result<GrantChange, Status>> + Send + 'static>>;
+    async fn watch_grants(
+        &self,
+        _req: Request<WatchGrantsRequest>,
+    ) -> std::result::Result<Response<Self::WatchGrantsStream>, Status> {
+        Err(Status::unimplemented("TODO"))
     }
 }

@@ -62,6 +62,7 @@ async fn publish_get_search_resolve_round_trip() {
     tax.register_node(RegisterNodeRequest {
         address: "tax-node.gov.local:7443".into(),
         software_version: "1.0".into(),
+        ..Default::default()
     })
     .await
     .unwrap();

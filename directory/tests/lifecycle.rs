@@ -129,7 +129,7 @@ async fn node_lease_lapses_to_offline_and_heartbeat_renews_it() {
     assert_eq!(status.code(), Code::InvalidArgument);
 
     let reg = node
-        .register_node(RegisterNodeRequest { address: "127.0.0.1:7443".into(), software_version: "test".into() })
+        .register_node(RegisterNodeRequest { address: "127.0.0.1:7443".into(), software_version: "test".into(), ..Default::default() })
         .await
         .unwrap()
         .into_inner();

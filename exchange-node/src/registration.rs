@@ -164,6 +164,7 @@ impl Registrar {
         let req = RegisterNodeRequest {
             address: self.state.advertise_address.clone(),
             software_version: SOFTWARE_VERSION.to_string(),
+            ..Default::default()
         };
         self.directory.clone().register_node(self.request(req)).await.map(|r| r.into_inner())
     }

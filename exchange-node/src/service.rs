@@ -13,8 +13,9 @@ use client_sdk::identity::{PeerIdentity, Role};
 use exchange_proto::v1::directory_client::DirectoryClient;
 use exchange_proto::v1::exchange_node_server::ExchangeNode;
 use exchange_proto::v1::{
-    NodeStatusRequest, NodeStatusResponse, PublishEntriesRequest, PublishEntriesResponse, WithdrawEntriesRequest,
-    WithdrawEntriesResponse,
+    NodeStatusRequest, NodeStatusResponse, PublishEntriesRequest, PublishEntriesResponse, PutRecordsRequest,
+    PutRecordsResponse, QueryAuditRequest, QueryAuditResponse, QueryRecordsRequest, QueryRecordsResponse,
+    VerifyAuditRequest, VerifyAuditResponse, WithdrawEntriesRequest, WithdrawEntriesResponse,
 };
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
@@ -107,6 +108,19 @@ impl ExchangeNode for NodeService {
         let id = caller(&request)?;
         self.authorize(id, &[Role::Operator], "NodeStatus")?;
         Ok(Response::new(self.state.status()))
+    }
+
+    async fn put_records(&self, _r: Request<PutRecordsRequest>) -> Result<Response<PutRecordsResponse>, Status> {
+        Err(Status::unimplemented("TODO"))
+    }
+    async fn query_records(&self, _r: Request<QueryRecordsRequest>) -> Result<Response<QueryRecordsResponse>, Status> {
+        Err(Status::unimplemented("TODO"))
+    }
+    async fn query_audit(&self, _r: Request<QueryAuditRequest>) -> Result<Response<QueryAuditResponse>, Status> {
+        Err(Status::unimplemented("TODO"))
+    }
+    async fn verify_audit(&self, _r: Request<VerifyAuditRequest>) -> Result<Response<VerifyAuditResponse>, Status> {
+        Err(Status::unimplemented("TODO"))
     }
 }
 

@@ -101,6 +101,7 @@ impl NodeState {
             last_directory_error: live.last_directory_error,
             published_entries: live.published_entries,
             catalog_version: live.catalog_version,
+            ..Default::default()
         }
     }
 }

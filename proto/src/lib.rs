@@ -20,4 +20,8 @@ pub mod limits {
     pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
     /// Most entries in one publish or withdraw batch.
     pub const MAX_BATCH_ENTRIES: usize = 5_000;
+    /// Most records in one `PutRecords` batch.
+    pub const MAX_BATCH_RECORDS: usize = 5_000;
+    /// Most keys in one `QueryRecords` / `FetchRecords` call.
+    pub const MAX_QUERY_KEYS: usize = 1_000;
 }

@@ -101,6 +101,7 @@ impl NodeRecord {
             last_heartbeat_unix_ms: self.last_heartbeat_unix_ms,
             lease_expires_unix_ms: self.lease_expires_unix_ms,
             software_version: self.software_version.clone(),
+            audit_verifying_key_hex: String::new(),
         }
     }
 }
