@@ -30,6 +30,7 @@
 pub mod config;
 pub mod audit;
 pub mod quota;
+pub mod records;
 pub mod error;
 pub mod registration;
 pub mod server;

@@ -1,0 +1,1 @@
+//! Records (placeholder: being written).
