@@ -572,10 +572,11 @@ data_type = "date"
     fn sample_catalogs_parse_and_follow_the_rules() {
         let mut codes = std::collections::HashSet::new();
         let mut share_types = std::collections::HashSet::new();
-        for (file, dept) in [("tax.toml", "tax"), ("commerce.toml", "commerce"), ("quality.toml", "quality")] {
+        let samples = [("tax.toml", "tax"), ("commerce.toml", "commerce"), ("quality.toml", "quality"), ("police.toml", "police")];
+        for (file, dept) in samples {
             let path = sample_file(file);
             let entries = CatalogFile::load_entries(&path).unwrap_or_else(|e| panic!("{e}"));
-            assert!((6..=10).contains(&entries.len()), "{file}: {} entries", entries.len());
+            assert!((3..=10).contains(&entries.len()), "{file}: {} entries", entries.len());
             for e in &entries {
                 let at = format!("{file} {}", e.resource_code);
                 assert_eq!(e.provider_code, dept, "{at}");

@@ -1,6 +1,9 @@
 //! Errors as typed values: a gRPC `Status` from any gov-exchange server becomes a [`ClientError`], with the
 //! field violations of `INVALID_ARGUMENT` (google.rpc.BadRequest) and the retry delay of
 //! `RESOURCE_EXHAUSTED` (google.rpc.RetryInfo) decoded.
+//!
+//! The SDK's own checks (a bad key refused before anything is sent, see [`crate::records`]) produce the
+//! same variants a server would, so a caller handles one error type either way.
 
 use std::time::Duration;
 
@@ -18,13 +21,16 @@ pub struct FieldViolation {
 pub enum ClientError {
     #[error("invalid argument: {message}{}", fmt_violations(.violations))]
     InvalidArgument { message: String, violations: Vec<FieldViolation> },
+    /// The message names what is missing (a resource, a record, a grant).
     #[error("not found: {0}")]
     NotFound(String),
+    /// The message is the server's reason (no grant, wrong department, role not allowed...).
     #[error("permission denied: {0}")]
     PermissionDenied(String),
     #[error("unauthenticated: {0}")]
     Unauthenticated(String),
-    #[error("rate limited: {message}")]
+    /// A quota is used up; `retry_after` is the server's google.rpc.RetryInfo, when it sent one.
+    #[error("rate limited: {message}{}", fmt_retry(.retry_after))]
     ResourceExhausted { message: String, retry_after: Option<Duration> },
     #[error("unavailable: {0}")]
     Unavailable(String),
@@ -32,6 +38,16 @@ pub enum ClientError {
     Other { code: Code, message: String },
     #[error("{0}")]
     Tls(#[from] crate::tls::TlsError),
+    /// A record in an answer does not have the format its items promise (a bad date, an unknown status).
+    #[error("malformed record in the answer: {0}")]
+    BadRecord(#[from] crate::records::RecordError),
+}
+
+fn fmt_retry(retry_after: &Option<Duration>) -> String {
+    match retry_after {
+        Some(d) => format!(" (retry after {:.1}s)", d.as_secs_f64()),
+        None => String::new(),
+    }
 }
 
 fn fmt_violations(v: &[FieldViolation]) -> String {
@@ -49,6 +65,23 @@ impl ClientError {
             ClientError::ResourceExhausted { .. } => Code::ResourceExhausted,
             ClientError::Unavailable(_) | ClientError::Tls(_) => Code::Unavailable,
             ClientError::Other { code, .. } => *code,
+            ClientError::BadRecord(_) => Code::Internal,
+        }
+    }
+
+    /// Adds a sentence to the error's message (kept as is for TLS set-up errors, which have none).
+    pub(crate) fn append_note(&mut self, note: &str) {
+        match self {
+            ClientError::InvalidArgument { message, .. }
+            | ClientError::ResourceExhausted { message, .. }
+            | ClientError::Other { message, .. }
+            | ClientError::NotFound(message)
+            | ClientError::PermissionDenied(message)
+            | ClientError::Unauthenticated(message)
+            | ClientError::Unavailable(message) => {
+                message.push_str(note);
+            }
+            ClientError::Tls(_) | ClientError::BadRecord(_) => {}
         }
     }
 }
@@ -120,5 +153,16 @@ mod tests {
         let text = err.to_string();
         assert!(text.contains("transport error") && text.contains("Connection refused"), "{text}");
         assert_eq!(text.matches("Connection refused").count(), 1, "{text}");
+    }
+
+    #[test]
+    fn rate_limit_text_says_when_to_retry() {
+        let details = tonic_types::ErrorDetails::with_retry_info(Some(Duration::from_millis(1500)));
+        let status = Status::with_error_details(Code::ResourceExhausted, "quota of tax on 101001/000001", details);
+        let err = ClientError::from(status);
+        assert!(matches!(err, ClientError::ResourceExhausted { retry_after: Some(_), .. }));
+        assert!(err.to_string().contains("(retry after 1.5s)"), "{err}");
+        let err = ClientError::ResourceExhausted { message: "slow down".into(), retry_after: None };
+        assert_eq!(err.to_string(), "rate limited: slow down");
     }
 }

@@ -9,6 +9,9 @@
 //! - [`auth`]: per-call authentication (tonic interceptor) and role checks for servers.
 //! - [`ids`]: validation of unified social credit codes and citizen identity numbers, and masking.
 //! - [`client`]: typed connections to the directory and to a node, and batched catalog publishing.
+//! - [`records`]: what applications use: typed enterprise and population records (item names, formats,
+//!   masking) and `ExchangeClient` (put and query records through the department's node, grants at the
+//!   directory, the node's audit trail), with keys checked before anything is sent.
 //! - [`process`]: what every server binary shares: log set-up and the shutdown signal.
 //! - [`catalog`]: catalog entries as TOML/JSON people edit and read, and their conversion to the wire type.
 //! - [`error`]: turns a gRPC `Status` (with google.rpc details) into a typed [`error::ClientError`].
@@ -24,6 +27,8 @@ pub mod identity;
 pub mod ids;
 pub mod pki;
 pub mod process;
+pub mod records;
+pub mod status;
 pub mod tls;
 
 pub use exchange_proto as proto;

@@ -205,6 +205,11 @@ impl ClientCertVerifier for IdentityClientVerifier {
 struct RoleServerVerifier {
     inner: Arc<WebPkiServerVerifier>,
     expected: Vec<Role>,
+    /// When set, the server must belong to this department (a node relaying to another department's node
+    /// must reach that department, whatever address the directory gave).
+    department: Option<String>,
+    /// When set, a revoked server certificate is refused too.
+    revoked: Option<RevocationSet>,
 }
 
 impl fmt::Debug for RoleServerVerifier {
@@ -227,6 +232,16 @@ impl ServerCertVerifier for RoleServerVerifier {
             .map_err(|e| rustls::Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(e)))))?;
         if !self.expected.is_empty() && !self.expected.contains(&id.role) {
             return Err(rustls::Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure));
+        }
+        if let Some(dept) = &self.department {
+            if &id.department != dept {
+                tracing::warn!(peer = %id, expected_department = %dept, "refused server: wrong department");
+                return Err(rustls::Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure));
+            }
+        }
+        if self.revoked.as_ref().is_some_and(|r| r.is_revoked(&id.serial_hex)) {
+            tracing::warn!(peer = %id, "refused revoked server certificate");
+            return Err(rustls::Error::InvalidCertificate(CertificateError::Revoked));
         }
         Ok(ServerCertVerified::assertion())
     }
@@ -269,10 +284,29 @@ pub fn server_config(id: &TlsIdentity, revoked: RevocationSet) -> Result<Arc<rus
 
 /// A client's rustls config: presents `id`, accepts only servers whose certificate has one of `server_roles`.
 pub fn client_config(id: &TlsIdentity, server_roles: &[Role]) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    build_client_config(id, server_roles.to_vec(), None, None)
+}
+
+/// A node's client config for calling another department's node: the server must present a `node`
+/// certificate of `department` that is not in `revoked`.
+pub fn peer_node_client_config(
+    id: &TlsIdentity,
+    department: &str,
+    revoked: RevocationSet,
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    build_client_config(id, vec![Role::Node], Some(department.to_string()), Some(revoked))
+}
+
+fn build_client_config(
+    id: &TlsIdentity,
+    expected: Vec<Role>,
+    department: Option<String>,
+    revoked: Option<RevocationSet>,
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
     let inner = WebPkiServerVerifier::builder_with_provider(id.roots.clone(), provider())
         .build()
         .map_err(|e| TlsError::Config(e.to_string()))?;
-    let verifier = Arc::new(RoleServerVerifier { inner, expected: server_roles.to_vec() });
+    let verifier = Arc::new(RoleServerVerifier { inner, expected, department, revoked });
     let mut config = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Config(e.to_string()))?

@@ -8,6 +8,7 @@
 //! | `InvalidArgument` | `INVALID_ARGUMENT` | google.rpc.BadRequest, one field violation per bad field |
 //! | `PermissionDenied` | `PERMISSION_DENIED` | |
 //! | `NotFound` | `NOT_FOUND` | |
+//! | `AlreadyExists` | `ALREADY_EXISTS` | |
 //! | `FailedPrecondition` | `FAILED_PRECONDITION` | |
 //! | `OutOfRange` | `OUT_OF_RANGE` | |
 //! | `Auth` | as produced by `client_sdk::auth` | passed through |
@@ -43,6 +44,10 @@ pub enum DirectoryError {
     PermissionDenied(String),
     #[error("{0}")]
     NotFound(String),
+    /// What the request would create exists already (a pending grant request of the same consumer for the
+    /// same resource); the message names it.
+    #[error("{0}")]
+    AlreadyExists(String),
     #[error("{0}")]
     FailedPrecondition(String),
     #[error("{0}")]
@@ -88,6 +93,7 @@ impl From<DirectoryError> for Status {
             DirectoryError::InvalidArgument { violations } => bad_request(invalid_message(&violations), violations),
             DirectoryError::PermissionDenied(m) => Status::permission_denied(m),
             DirectoryError::NotFound(m) => Status::not_found(m),
+            DirectoryError::AlreadyExists(m) => Status::already_exists(m),
             DirectoryError::FailedPrecondition(m) => Status::failed_precondition(m),
             DirectoryError::OutOfRange(m) => Status::out_of_range(m),
             DirectoryError::Auth(status) => status,

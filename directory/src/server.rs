@@ -18,8 +18,8 @@
 //! - Reflection v1 and v1alpha (grpcurl builds differ in which one they speak), listing the Directory and
 //!   Health services.
 //!
-//! Shutdown: when the `shutdown` future completes, the listener closes, catalog watch streams end with
-//! `UNAVAILABLE` and health watch streams end after reporting `NOT_SERVING` (streams that never finish
+//! Shutdown: when the `shutdown` future completes, the listener closes, catalog, grant and revocation watch
+//! streams end with `UNAVAILABLE` and health watch streams end after reporting `NOT_SERVING` (streams that never finish
 //! would otherwise hold the drain forever), in-flight calls run to completion, and `serve` returns once
 //! every connection has closed.
 
@@ -39,7 +39,7 @@ use tonic::service::interceptor::InterceptedService;
 use crate::config::{Config, ConfigError};
 use crate::revocation::{AuthorityError, RevocationAuthority};
 use crate::search::{CatalogIndex, SearchError};
-use crate::service::{DirectoryService, ServiceSettings};
+use crate::service::{DirectoryService, ServiceSettings, StartVersions};
 use crate::store::{StoreError, Stores};
 
 /// The gRPC name of the Directory service (as health checks and reflection know it).
@@ -80,6 +80,8 @@ pub struct LoadedDirectory {
     revoked: RevocationSet,
     authority: RevocationAuthority,
     catalog_version: u64,
+    grant_version: u64,
+    revocation_version: u64,
     indexed_entries: u64,
     startup_time: Duration,
 }
@@ -97,7 +99,8 @@ impl std::fmt::Debug for LoadedDirectory {
 
 impl LoadedDirectory {
     /// Checks the config and the directory's own certificate (it must have role `directory`), opens the
-    /// sled database in `data_dir`, rebuilds the search index from every live entry and loads revocations.
+    /// sled database in `data_dir` (catalog, nodes, revocations, grants), rebuilds the search index from
+    /// every live entry and loads revocations.
     pub async fn load(config: Config) -> Result<Self, ServerError> {
         tls::install_crypto_provider();
         config.validate()?;
@@ -117,6 +120,8 @@ impl LoadedDirectory {
         let revoked = RevocationSet::default();
         let revocations = stores.revocations.list().await?;
         revoked.replace_all(revocations.into_iter().map(|r| r.serial_hex));
+        let revocation_version = stores.revocations.current_version().await?;
+        let grant_version = stores.grants.current_version().await?;
 
         let catalog_version = stores.catalog.current_version().await?;
         let mut live = Vec::new();
@@ -144,6 +149,8 @@ impl LoadedDirectory {
         tracing::info!(
             entries = indexed_entries,
             catalog_version,
+            grant_version,
+            revocation_version,
             revocations = revoked.len(),
             open_ms = open_time.as_millis() as u64,
             read_ms = read_time.as_millis() as u64,
@@ -159,6 +166,8 @@ impl LoadedDirectory {
             revoked,
             authority,
             catalog_version,
+            grant_version,
+            revocation_version,
             indexed_entries,
             startup_time,
         })
@@ -167,6 +176,16 @@ impl LoadedDirectory {
     /// The catalog version found on disk.
     pub fn catalog_version(&self) -> u64 {
         self.catalog_version
+    }
+
+    /// The grant log version found on disk.
+    pub fn grant_version(&self) -> u64 {
+        self.grant_version
+    }
+
+    /// The revocation log version found on disk.
+    pub fn revocation_version(&self) -> u64 {
+        self.revocation_version
     }
 
     /// Live entries in the rebuilt index.
@@ -199,7 +218,11 @@ impl LoadedDirectory {
                 lease_ttl_seconds: self.config.lease_ttl_seconds,
                 heartbeat_interval_seconds: self.config.heartbeat_interval_seconds(),
             },
-            self.catalog_version,
+            StartVersions {
+                catalog: self.catalog_version,
+                grants: self.grant_version,
+                revocations: self.revocation_version,
+            },
             stop_rx,
         );
         let directory = DirectoryServer::new(service)

@@ -9,7 +9,15 @@
 //! (durable) → search index → notify watchers; a watcher that sees version `n` can already find it by
 //! search. Writes and revocations run in a spawned task: a client that hangs up mid-call cancels its handler,
 //! and a durable write must not be left half-applied (stored but not indexed, or not announced to watchers).
+//!
+//! Grant writes (request, decide, revoke) run the same way under a write lock of their own: the checks that
+//! read the grant store (one pending request per consumer and resource, the grant is still pending) and the
+//! write happen in one order for everyone; store (durable) → notify grant watchers. Rules: docs/GRANTS.md.
+//!
+//! The three change feeds (catalog, grants, revocations) are [`crate::watch::feed`]s over the stores' change
+//! logs, each woken by its own [`LatestVersion`].
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -24,9 +32,9 @@ use tonic::{Request, Response, Status};
 use crate::error::{DirectoryError, Violation};
 use crate::revocation::RevocationAuthority;
 use crate::search::CatalogIndex;
-use crate::store::{NodeRecord, Stores};
+use crate::store::{parse_grant_id, NodeRecord, Stores};
 use crate::validate;
-use crate::watch::{change_stream, ChangeStream};
+use crate::watch::{feed, ChangeStream, Feed, LatestVersion};
 
 type Result<T, E = DirectoryError> = std::result::Result<T, E>;
 
@@ -42,6 +50,14 @@ pub struct ServiceSettings {
     pub heartbeat_interval_seconds: u32,
 }
 
+/// The version of each change log when the service starts (the stores' `current_version`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StartVersions {
+    pub catalog: u64,
+    pub grants: u64,
+    pub revocations: u64,
+}
+
 /// Everything a handler needs; shared by the service and the write tasks it spawns.
 struct Core {
     stores: Stores,
@@ -51,8 +67,12 @@ struct Core {
     settings: ServiceSettings,
     /// Serialises catalog writes (publish, withdraw).
     write_lock: Mutex<()>,
-    /// The latest durable catalog version; watchers sleep on it.
-    versions: watch::Sender<u64>,
+    /// Serialises grant writes (request, decide, revoke).
+    grant_lock: Mutex<()>,
+    /// The latest durable version of each change log; watchers sleep on them.
+    catalog_versions: LatestVersion,
+    grant_versions: LatestVersion,
+    revocation_versions: LatestVersion,
     /// Turns true when the server starts shutting down; ends watch streams.
     shutdown: watch::Receiver<bool>,
     /// Index calls running at once: one per core. Searches are CPU-bound; letting every in-flight call
@@ -67,17 +87,16 @@ pub struct DirectoryService {
 }
 
 impl DirectoryService {
-    /// `current_version`: the store's version at start (watchers are woken from there on).
+    /// `versions`: the stores' versions at start (watchers are woken from there on).
     pub fn new(
         stores: Stores,
         index: Arc<CatalogIndex>,
         revoked: RevocationSet,
         authority: RevocationAuthority,
         settings: ServiceSettings,
-        current_version: u64,
+        versions: StartVersions,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
-        let (versions, _) = watch::channel(current_version);
         DirectoryService {
             core: Arc::new(Core {
                 stores,
@@ -86,7 +105,10 @@ impl DirectoryService {
                 authority,
                 settings,
                 write_lock: Mutex::new(()),
-                versions,
+                grant_lock: Mutex::new(()),
+                catalog_versions: LatestVersion::new(versions.catalog),
+                grant_versions: LatestVersion::new(versions.grants),
+                revocation_versions: LatestVersion::new(versions.revocations),
                 shutdown,
                 index_slots: Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get())),
             }),
@@ -125,17 +147,6 @@ impl Core {
         Ok(tokio::task::spawn_blocking(move || f(&index)).await.map_err(task_failed)??)
     }
 
-    fn notify(&self, version: u64) {
-        self.versions.send_if_modified(|v| {
-            if version > *v {
-                *v = version;
-                true
-            } else {
-                false
-            }
-        });
-    }
-
     // ---- nodes ----
 
     async fn register_node(&self, id: PeerIdentity, req: RegisterNodeRequest) -> Result<RegisterNodeResponse> {
@@ -147,7 +158,30 @@ impl Core {
         if let Err(e) = validate::check_software_version(&req.software_version) {
             violations.push(Violation::new("software_version", e));
         }
+        let audit_key = req.audit_verifying_key_hex.to_ascii_lowercase();
+        if !audit_key.is_empty() && (audit_key.len() != 64 || !audit_key.bytes().all(|b| b.is_ascii_hexdigit())) {
+            violations.push(Violation::new(
+                "audit_verifying_key_hex",
+                format!(
+                    "must be empty or an Ed25519 public key as 64 hexadecimal characters; got {} characters",
+                    audit_key.chars().count()
+                ),
+            ));
+        }
         invalid_if_any(violations)?;
+        let previous_key = self
+            .stores
+            .nodes
+            .list(Some(&id.department))
+            .await?
+            .into_iter()
+            .find(|n| n.node_name == id.name)
+            .map(|n| n.audit_verifying_key_hex)
+            .unwrap_or_default();
+        if !previous_key.is_empty() && previous_key != audit_key {
+            // Allowed (keys get rotated), but never quietly: audit trails sealed with the old key need it.
+            tracing::warn!(node = %id, old = %previous_key, new = %audit_key, "node changed its audit verifying key");
+        }
         let now = now_unix_ms();
         let node = NodeRecord {
             department: id.department.clone(),
@@ -157,6 +191,7 @@ impl Core {
             registered_at_unix_ms: now,
             last_heartbeat_unix_ms: now,
             lease_expires_unix_ms: now + i64::from(self.settings.lease_ttl_seconds) * 1000,
+            audit_verifying_key_hex: audit_key,
         };
         self.stores.nodes.register(node.clone()).await?;
         tracing::info!(node = %id, address = %node.address, "node registered");
@@ -233,7 +268,7 @@ impl Core {
         let catalog_version = entry_versions.last().copied().unwrap_or_default();
         let indexed = self.with_index(move |index| index.upsert(&stored)).await;
         // Announce even if indexing failed: the change is durable and watchers must not miss it.
-        self.notify(catalog_version);
+        self.catalog_versions.advance(catalog_version);
         indexed?;
         tracing::info!(caller = %id, entries = count, catalog_version, "published catalog entries");
         Ok(PublishEntriesResponse { catalog_version, entry_versions })
@@ -265,7 +300,7 @@ impl Core {
         let tombstones = self.stores.catalog.withdraw(live.clone()).await?;
         let catalog_version = tombstones.last().map(|e| e.version).unwrap_or_default();
         let unindexed = self.with_index(move |index| index.remove(&live)).await;
-        self.notify(catalog_version);
+        self.catalog_versions.advance(catalog_version);
         unindexed?;
         tracing::info!(caller = %id, entries = count, catalog_version, "withdrew catalog entries");
         Ok(WithdrawEntriesResponse { catalog_version })
@@ -340,17 +375,15 @@ impl Core {
     }
 
     async fn watch(&self, req: WatchCatalogRequest) -> Result<ChangeStream> {
-        let current = self.stores.catalog.current_version().await?;
-        if req.from_version > current {
-            return Err(DirectoryError::OutOfRange(format!(
-                "from_version {} is ahead of the catalog (current version {current}); resume from a version you \
-                 received from this directory, or 0 for everything",
-                req.from_version
-            )));
-        }
-        Ok(change_stream(
-            self.stores.catalog.clone(),
-            self.versions.subscribe(),
+        check_from_version("catalog", req.from_version, self.stores.catalog.current_version().await?)?;
+        let store = self.stores.catalog.clone();
+        Ok(feed(
+            move |after, limit| {
+                let store = store.clone();
+                async move { store.changes_since(after, limit).await }
+            },
+            |_| true,
+            self.catalog_versions.subscribe(),
             self.shutdown.clone(),
             req.from_version,
         ))
@@ -375,6 +408,7 @@ impl Core {
         };
         let stored = self.stores.revocations.revoke(revocation).await?;
         self.revoked.insert(stored.serial_hex.clone());
+        self.revocation_versions.advance(stored.version);
         tracing::warn!(
             serial = %stored.serial_hex,
             department = %stored.department,
@@ -383,6 +417,414 @@ impl Core {
             "certificate revoked"
         );
         Ok(RevokeCertificateResponse { revocation: Some(stored) })
+    }
+
+    async fn watch_revocations(&self, req: WatchRevocationsRequest) -> Result<Feed<Revocation>> {
+        check_from_version("revocation log", req.from_version, self.stores.revocations.current_version().await?)?;
+        let store = self.stores.revocations.clone();
+        Ok(feed(
+            move |after, limit| {
+                let store = store.clone();
+                async move { store.changes_since(after, limit).await }
+            },
+            |_| true,
+            self.revocation_versions.subscribe(),
+            self.shutdown.clone(),
+            req.from_version,
+        ))
+    }
+
+    // ---- grants ----
+
+    /// Operators of the directory's own department see every grant.
+    fn is_central_operator(&self, id: &PeerIdentity) -> bool {
+        id.role == Role::Operator && id.department == self.authority.central_department()
+    }
+
+    /// Checks a grant request against the catalog and the pending requests, then stores it. Runs in its own
+    /// task under the grant write lock.
+    async fn commit_request_grant(self: Arc<Self>, id: PeerIdentity, req: RequestGrantRequest) -> Result<Grant> {
+        let _write = self.grant_lock.lock().await;
+        let code = req.resource_code.as_str();
+        let entry = self
+            .stores
+            .catalog
+            .get(code)
+            .await?
+            .ok_or_else(|| DirectoryError::NotFound(format!("no catalog entry {code}")))?;
+        if entry.withdrawn {
+            return Err(DirectoryError::FailedPrecondition(format!(
+                "catalog entry {code} was withdrawn (version {}); there is nothing to grant",
+                entry.version
+            )));
+        }
+        match ShareType::try_from(entry.share_type) {
+            Ok(ShareType::Conditional) => {}
+            Ok(ShareType::Unconditional) => {
+                return Err(DirectoryError::FailedPrecondition(format!(
+                    "{code} is shared unconditionally: unconditional resources need no grant"
+                )))
+            }
+            Ok(ShareType::NotShared) => {
+                return Err(DirectoryError::FailedPrecondition(format!(
+                    "{code} is not shared, so it cannot be granted: {}",
+                    entry.share_condition
+                )))
+            }
+            _ => {
+                return Err(DirectoryError::FailedPrecondition(format!(
+                    "{code} has no share type, so it cannot be granted"
+                )))
+            }
+        }
+        if entry.provider_code == id.department {
+            return Err(DirectoryError::FailedPrecondition(format!(
+                "{code} is provided by the caller's own department {}; a department needs no grant for its own \
+                 resources",
+                id.department
+            )));
+        }
+        let items: HashSet<&str> = entry.data_items.iter().map(|d| d.name.as_str()).collect();
+        let violations = req
+            .data_items
+            .iter()
+            .enumerate()
+            .filter(|(_, item)| !items.contains(item.as_str()))
+            .map(|(i, item)| {
+                let known: Vec<&str> = entry.data_items.iter().map(|d| d.name.as_str()).collect();
+                Violation::new(
+                    format!("data_items[{i}]"),
+                    format!("{item:?} is not a data item of {code} (its items: {})", known.join(", ")),
+                )
+            })
+            .collect();
+        invalid_if_any(violations)?;
+        let existing = self.stores.grants.for_consumer(&id.department, code).await?;
+        if let Some(pending) = existing.iter().find(|g| g.status == GrantStatus::Pending as i32) {
+            return Err(DirectoryError::AlreadyExists(format!(
+                "grant {} of department {} for {code} is already pending (requested by {}); wait for the \
+                 provider's decision",
+                pending.grant_id, pending.consumer_code, pending.requested_by
+            )));
+        }
+        let grant = Grant {
+            resource_code: req.resource_code,
+            consumer_code: id.department.clone(),
+            provider_code: entry.provider_code,
+            requested_items: req.data_items,
+            purpose: req.purpose,
+            legal_basis: req.legal_basis,
+            status: GrantStatus::Pending as i32,
+            requested_by: id.name.clone(),
+            requested_at_unix_ms: now_unix_ms(),
+            ..Default::default()
+        };
+        let stored = self.stores.grants.insert(grant).await?;
+        self.grant_versions.advance(stored.version);
+        tracing::info!(
+            caller = %id,
+            grant = %stored.grant_id,
+            resource = %stored.resource_code,
+            provider = %stored.provider_code,
+            version = stored.version,
+            "grant requested"
+        );
+        Ok(stored)
+    }
+
+    /// The grant `grant_id`, if the caller is of its provider department.
+    async fn provider_grant(&self, id: &PeerIdentity, grant_id: &str, action: &str) -> Result<Grant> {
+        let grant = self
+            .stores
+            .grants
+            .get(grant_id)
+            .await?
+            .ok_or_else(|| DirectoryError::NotFound(format!("no grant {grant_id}")))?;
+        if grant.provider_code != id.department {
+            return Err(DirectoryError::PermissionDenied(format!(
+                "grant {grant_id} is for {}, a resource of department {}; only that department's operators may {action} \
+                 it, and caller {} is of department {}",
+                grant.resource_code, grant.provider_code, id.name, id.department
+            )));
+        }
+        Ok(grant)
+    }
+
+    /// Approves or rejects a pending grant; an approval supersedes the consumer's earlier approved grants
+    /// for the resource in the same store write. Runs in its own task under the grant write lock.
+    async fn commit_decide_grant(self: Arc<Self>, id: PeerIdentity, req: DecideGrantRequest) -> Result<Grant> {
+        let _write = self.grant_lock.lock().await;
+        let mut grant = self.provider_grant(&id, &req.grant_id, "decide").await?;
+        let now = now_unix_ms();
+        if grant.status != GrantStatus::Pending as i32 {
+            return Err(DirectoryError::FailedPrecondition(format!(
+                "grant {} is {}; only a pending grant can be decided",
+                grant.grant_id,
+                status_name(effective_status(&grant, now))
+            )));
+        }
+        let mut writes = Vec::new();
+        if req.approve {
+            let requested: HashSet<&str> = grant.requested_items.iter().map(String::as_str).collect();
+            let violations = req
+                .granted_items
+                .iter()
+                .enumerate()
+                .filter(|(_, item)| !requested.contains(item.as_str()))
+                .map(|(i, item)| {
+                    Violation::new(
+                        format!("granted_items[{i}]"),
+                        format!(
+                            "{item:?} was not requested (requested: {})",
+                            grant.requested_items.join(", ")
+                        ),
+                    )
+                })
+                .collect();
+            invalid_if_any(violations)?;
+            grant.granted_items =
+                if req.granted_items.is_empty() { grant.requested_items.clone() } else { req.granted_items };
+            grant.status = GrantStatus::Approved as i32;
+            grant.expires_at_unix_ms = req.expires_at_unix_ms;
+            // Supersede first: a node applying the changes one by one never sees two approved grants at once.
+            for mut earlier in self.stores.grants.for_consumer(&grant.consumer_code, &grant.resource_code).await? {
+                if earlier.status == GrantStatus::Approved as i32 && earlier.grant_id != grant.grant_id {
+                    earlier.status = GrantStatus::Superseded as i32;
+                    writes.push(earlier);
+                }
+            }
+        } else {
+            grant.status = GrantStatus::Rejected as i32;
+        }
+        grant.decided_by = id.name.clone();
+        grant.decided_at_unix_ms = now;
+        grant.decision_reason = req.reason;
+        writes.push(grant);
+        let superseded: Vec<String> = writes[..writes.len() - 1].iter().map(|g| g.grant_id.clone()).collect();
+        let stored = self.stores.grants.update(writes).await?;
+        let decided = stored.last().cloned().ok_or_else(|| DirectoryError::Internal("empty grant update".into()))?;
+        self.grant_versions.advance(decided.version);
+        tracing::info!(
+            caller = %id,
+            grant = %decided.grant_id,
+            status = %status_name(decided.status),
+            ?superseded,
+            version = decided.version,
+            "grant decided"
+        );
+        Ok(as_seen(decided, now_unix_ms()))
+    }
+
+    /// Ends an approved grant. Runs in its own task under the grant write lock.
+    async fn commit_revoke_grant(self: Arc<Self>, id: PeerIdentity, req: RevokeGrantRequest) -> Result<Grant> {
+        let _write = self.grant_lock.lock().await;
+        let mut grant = self.provider_grant(&id, &req.grant_id, "revoke").await?;
+        let now = now_unix_ms();
+        if grant.status != GrantStatus::Approved as i32 {
+            return Err(DirectoryError::FailedPrecondition(format!(
+                "grant {} is {}; only an approved grant (expired or not) can be revoked",
+                grant.grant_id,
+                status_name(effective_status(&grant, now))
+            )));
+        }
+        grant.status = GrantStatus::Revoked as i32;
+        grant.decided_by = id.name.clone();
+        grant.decided_at_unix_ms = now;
+        grant.decision_reason = req.reason;
+        let stored = self.stores.grants.update(vec![grant]).await?;
+        let revoked = stored.into_iter().next().ok_or_else(|| DirectoryError::Internal("empty grant update".into()))?;
+        self.grant_versions.advance(revoked.version);
+        tracing::info!(caller = %id, grant = %revoked.grant_id, version = revoked.version, "grant revoked");
+        Ok(revoked)
+    }
+
+    async fn list_grants(&self, id: &PeerIdentity, req: ListGrantsRequest) -> Result<ListGrantsResponse> {
+        let mut violations = Vec::new();
+        if !req.resource_code.is_empty() {
+            violations.extend(validate::check_lookup_code(&req.resource_code));
+        }
+        if GrantStatus::try_from(req.status).is_err() {
+            violations.push(Violation::new("status", format!("unknown grant status {}", req.status)));
+        }
+        let side = match req.side.as_str() {
+            "" => None,
+            "provider" => Some(true),
+            "consumer" => Some(false),
+            other => {
+                violations.push(Violation::new(
+                    "side",
+                    format!("must be \"provider\", \"consumer\" or empty (both), got {other:?}"),
+                ));
+                None
+            }
+        };
+        invalid_if_any(violations)?;
+        let scope = (!self.is_central_operator(id)).then_some(id.department.as_str());
+        let now = now_unix_ms();
+        let grants = self
+            .stores
+            .grants
+            .list(scope)
+            .await?
+            .into_iter()
+            .map(|g| as_seen(g, now))
+            .filter(|g| req.resource_code.is_empty() || g.resource_code == req.resource_code)
+            .filter(|g| req.status == GrantStatus::Unspecified as i32 || g.status == req.status)
+            .filter(|g| match side {
+                None => true,
+                Some(true) => g.provider_code == id.department,
+                Some(false) => g.consumer_code == id.department,
+            })
+            .collect();
+        Ok(ListGrantsResponse { grants })
+    }
+
+    async fn watch_grants(&self, id: &PeerIdentity, req: WatchGrantsRequest) -> Result<Feed<GrantChange>> {
+        allow(id, &[Role::Node, Role::Operator], "WatchGrants")?;
+        check_from_version("grant log", req.from_version, self.stores.grants.current_version().await?)?;
+        let department = (!self.is_central_operator(id)).then(|| id.department.clone());
+        let store = self.stores.grants.clone();
+        Ok(feed(
+            move |after, limit| {
+                let store = store.clone();
+                async move { store.changes_since(after, limit).await }
+            },
+            // Filtered after reading, so the feed's gap check still runs over the whole log.
+            move |change: &GrantChange| match (&department, &change.grant) {
+                (None, _) => true,
+                (Some(d), Some(g)) => &g.provider_code == d || &g.consumer_code == d,
+                (Some(_), None) => false,
+            },
+            self.grant_versions.subscribe(),
+            self.shutdown.clone(),
+            req.from_version,
+        ))
+    }
+}
+
+/// Refuses to watch from a version the log has not reached (a cursor from another directory, or a typo).
+fn check_from_version(log: &str, from_version: u64, current: u64) -> Result<()> {
+    if from_version > current {
+        return Err(DirectoryError::OutOfRange(format!(
+            "from_version {from_version} is ahead of the {log} (current version {current}); resume from a version \
+             you received from this directory, or 0 for everything"
+        )));
+    }
+    Ok(())
+}
+
+/// Longest purpose, legal basis or decision reason of a grant, in characters.
+pub const GRANT_TEXT_MAX_CHARS: usize = 500;
+
+/// A grant text field: `required` says why it is needed (`None`: optional); at most
+/// [`GRANT_TEXT_MAX_CHARS`] characters; no control characters.
+fn check_grant_text(field: &str, value: &str, required: Option<&str>, out: &mut Vec<Violation>) {
+    if let Some(why) = required.filter(|_| value.trim().is_empty()) {
+        out.push(Violation::new(field, why));
+        return;
+    }
+    let count = value.chars().count();
+    if count > GRANT_TEXT_MAX_CHARS {
+        out.push(Violation::new(field, format!("must be at most {GRANT_TEXT_MAX_CHARS} characters, got {count}")));
+    }
+    if let Some((pos, ch)) = value.chars().enumerate().find(|(_, c)| c.is_control()) {
+        out.push(Violation::new(field, format!("contains control character U+{:04X} at character {pos}", ch as u32)));
+    }
+}
+
+fn check_grant_id(grant_id: &str, out: &mut Vec<Violation>) {
+    if parse_grant_id(grant_id).is_none() {
+        out.push(Violation::new("grant_id", format!("must be G followed by 8 digits, e.g. G00000001; got {grant_id:?}")));
+    }
+}
+
+/// One violation per repeated name in `items`, pointing at its first occurrence.
+fn check_unique(field: &str, items: &[String], out: &mut Vec<Violation>) {
+    let mut first: HashMap<&str, usize> = HashMap::new();
+    for (i, item) in items.iter().enumerate() {
+        match first.get(item.as_str()) {
+            Some(j) => out.push(Violation::new(format!("{field}[{i}]"), format!("duplicate of {field}[{j}]"))),
+            None => {
+                first.insert(item, i);
+            }
+        }
+    }
+}
+
+/// Role and request checks of RequestGrant that need no store.
+fn check_request_grant(id: &PeerIdentity, req: &RequestGrantRequest) -> Result<()> {
+    allow(id, &[Role::App, Role::Operator], "RequestGrant")?;
+    let mut v = validate::check_lookup_code(&req.resource_code);
+    if req.data_items.is_empty() {
+        v.push(Violation::new("data_items", "name at least one data item of the entry"));
+    }
+    check_unique("data_items", &req.data_items, &mut v);
+    if req.purpose.trim().is_empty() && req.legal_basis.trim().is_empty() {
+        v.push(Violation::new("purpose", "give a purpose, a legal basis (legal_basis), or both"));
+    }
+    check_grant_text("purpose", &req.purpose, None, &mut v);
+    check_grant_text("legal_basis", &req.legal_basis, None, &mut v);
+    invalid_if_any(v)
+}
+
+/// Role and request checks of DecideGrant that need no store.
+fn check_decide_grant(id: &PeerIdentity, req: &DecideGrantRequest, now: i64) -> Result<()> {
+    allow(id, &[Role::Operator], "DecideGrant")?;
+    let mut v = Vec::new();
+    check_grant_id(&req.grant_id, &mut v);
+    if req.approve {
+        check_unique("granted_items", &req.granted_items, &mut v);
+        if req.expires_at_unix_ms < 0 || (req.expires_at_unix_ms != 0 && req.expires_at_unix_ms <= now) {
+            v.push(Violation::new(
+                "expires_at_unix_ms",
+                format!("must be 0 (no expiry) or a time in the future in Unix milliseconds (now is {now})"),
+            ));
+        }
+        check_grant_text("reason", &req.reason, None, &mut v);
+    } else {
+        check_grant_text("reason", &req.reason, Some("is required to reject a grant"), &mut v);
+        if !req.granted_items.is_empty() {
+            v.push(Violation::new("granted_items", "only an approval grants items (approve is false)"));
+        }
+        if req.expires_at_unix_ms != 0 {
+            v.push(Violation::new("expires_at_unix_ms", "only an approval has an expiry (approve is false)"));
+        }
+    }
+    invalid_if_any(v)
+}
+
+/// Role and request checks of RevokeGrant that need no store.
+fn check_revoke_grant(id: &PeerIdentity, req: &RevokeGrantRequest) -> Result<()> {
+    allow(id, &[Role::Operator], "RevokeGrant")?;
+    let mut v = Vec::new();
+    check_grant_id(&req.grant_id, &mut v);
+    check_grant_text("reason", &req.reason, Some("is required to revoke a grant"), &mut v);
+    invalid_if_any(v)
+}
+
+/// The status a reader sees: an approved grant whose expiry has passed is `EXPIRED`. Computed when read,
+/// never stored, so no sweeper is needed.
+pub fn effective_status(grant: &Grant, now_unix_ms: i64) -> i32 {
+    if grant.status == GrantStatus::Approved as i32
+        && grant.expires_at_unix_ms != 0
+        && grant.expires_at_unix_ms <= now_unix_ms
+    {
+        GrantStatus::Expired as i32
+    } else {
+        grant.status
+    }
+}
+
+fn as_seen(mut grant: Grant, now_unix_ms: i64) -> Grant {
+    grant.status = effective_status(&grant, now_unix_ms);
+    grant
+}
+
+/// `pending`, `approved`, ... for messages.
+fn status_name(status: i32) -> String {
+    match GrantStatus::try_from(status) {
+        Ok(s) => s.as_str_name().trim_start_matches("GRANT_STATUS_").to_ascii_lowercase(),
+        Err(_) => format!("in unknown status {status}"),
     }
 }
 
@@ -545,35 +987,86 @@ impl Directory for DirectoryService {
         }))
     }
 
-    type WatchRevocationsStream =
-        std::pin::Pin<Box<dyn futures::Stream<Item = std::result::Result<Revocation, Status>> + Send + 'static>>;
+    type WatchRevocationsStream = Feed<Revocation>;
+
     async fn watch_revocations(
         &self,
-        _req: Request<WatchRevocationsRequest>,
+        req: Request<WatchRevocationsRequest>,
     ) -> std::result::Result<Response<Self::WatchRevocationsStream>, Status> {
-        Err(Status::unimplemented("TODO"))
+        reply(
+            async {
+                let id = identity(&req)?;
+                let req = req.into_inner();
+                tracing::debug!(caller = %id, from_version = req.from_version, "revocation watch started");
+                self.core.watch_revocations(req).await
+            }
+            .await,
+        )
     }
-    async fn request_grant(&self, _req: Request<RequestGrantRequest>) -> std::result::Result<Response<Grant>, Status> {
-        Err(Status::unimplemented("TODO"))
+
+    async fn request_grant(&self, req: Request<RequestGrantRequest>) -> std::result::Result<Response<Grant>, Status> {
+        reply(
+            async {
+                let id = identity(&req)?;
+                let req = req.into_inner();
+                check_request_grant(&id, &req)?;
+                run_detached(self.core.clone().commit_request_grant(id, req)).await
+            }
+            .await,
+        )
     }
-    async fn decide_grant(&self, _req: Request<DecideGrantRequest>) -> std::result::Result<Response<Grant>, Status> {
-        Err(Status::unimplemented("TODO"))
+
+    async fn decide_grant(&self, req: Request<DecideGrantRequest>) -> std::result::Result<Response<Grant>, Status> {
+        reply(
+            async {
+                let id = identity(&req)?;
+                let req = req.into_inner();
+                check_decide_grant(&id, &req, now_unix_ms())?;
+                run_detached(self.core.clone().commit_decide_grant(id, req)).await
+            }
+            .await,
+        )
     }
-    async fn revoke_grant(&self, _req: Request<RevokeGrantRequest>) -> std::result::Result<Response<Grant>, Status> {
-        Err(Status::unimplemented("TODO"))
+
+    async fn revoke_grant(&self, req: Request<RevokeGrantRequest>) -> std::result::Result<Response<Grant>, Status> {
+        reply(
+            async {
+                let id = identity(&req)?;
+                let req = req.into_inner();
+                check_revoke_grant(&id, &req)?;
+                run_detached(self.core.clone().commit_revoke_grant(id, req)).await
+            }
+            .await,
+        )
     }
+
     async fn list_grants(
         &self,
-        _req: Request<ListGrantsRequest>,
+        req: Request<ListGrantsRequest>,
     ) -> std::result::Result<Response<ListGrantsResponse>, Status> {
-        Err(Status::unimplemented("TODO"))
+        reply(
+            async {
+                let id = identity(&req)?;
+                self.core.list_grants(&id, req.into_inner()).await
+            }
+            .await,
+        )
     }
-    type WatchGrantsStream =
-        std::pin::Pin<Box<dyn futures::Stream<Item = std::result::Result<GrantChange, Status>> + Send + 'static>>;
+
+    type WatchGrantsStream = Feed<GrantChange>;
+
     async fn watch_grants(
         &self,
-        _req: Request<WatchGrantsRequest>,
+        req: Request<WatchGrantsRequest>,
     ) -> std::result::Result<Response<Self::WatchGrantsStream>, Status> {
-        Err(Status::unimplemented("TODO"))
+        reply(
+            async {
+                let id = identity(&req)?;
+                let req = req.into_inner();
+                tracing::debug!(caller = %id, from_version = req.from_version, "grant watch started");
+                self.core.watch_grants(&id, req).await
+            }
+            .await,
+        )
     }
 }

@@ -1,103 +1,254 @@
-//! `WatchCatalog`: every change after a version, in version order, then live changes.
+//! The change feeds: `WatchCatalog`, `WatchGrants` and `WatchRevocations` are one implementation, a
+//! [`feed`] over a store's change log.
 //!
 //! The store's change log is the only source of changes; nothing is queued per watcher. A watcher keeps a
-//! cursor (the last version it sent) and repeatedly reads `changes_since(cursor, BATCH)`; when it has caught
-//! up it sleeps on a `tokio::sync::watch<u64>` that publishers bump after each durable write. Because the
-//! watcher marks the current watch value as seen *before* reading the store, a write that lands between
-//! the read and the sleep still wakes it, so no change is missed; because it only ever asks for versions
-//! above its cursor and checks that they follow on without a gap, none is repeated or skipped.
+//! cursor (the last version it passed) and repeatedly reads `changes_since(cursor, BATCH)`; when it has
+//! caught up it sleeps on a `tokio::sync::watch<u64>` ([`LatestVersion`]) that writers bump after each
+//! durable write. Because the watcher marks the current watch value as seen *before* reading the store, a
+//! write that lands between the read and the sleep still wakes it, so no change is missed; because it only
+//! ever asks for versions above its cursor and checks that they follow on without a gap, none is repeated
+//! or skipped.
+//!
+//! A feed may show a watcher only some changes (`keep`: the grants of its own department). The cursor and
+//! the gap check run over the full log, before the filter, so a filtered feed is exactly as gap-free as an
+//! unfiltered one.
 //!
 //! Back-pressure: the stream is pulled by the connection (HTTP/2 flow control), so a slow client holds at
-//! most one batch in memory and never blocks publishers. On shutdown the stream ends with `UNAVAILABLE`
-//! so clients reconnect and resume from the last version they saw.
+//! most one batch in memory and never blocks writers. On shutdown the stream ends with `UNAVAILABLE` so
+//! clients reconnect and resume from the last version they saw.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 
-use exchange_proto::v1::CatalogChange;
+use exchange_proto::v1::{CatalogChange, GrantChange, Revocation};
 use futures::Stream;
 use tokio::sync::watch;
 use tonic::Status;
 
 use crate::error::DirectoryError;
-use crate::store::CatalogStore;
+use crate::store::StoreError;
 
 /// Changes read from the store per round trip.
 pub const BATCH: usize = 1000;
 
-/// The stream type of `WatchCatalog`.
-pub type ChangeStream = Pin<Box<dyn Stream<Item = Result<CatalogChange, Status>> + Send + 'static>>;
+/// A server stream of changes.
+pub type Feed<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
-struct FeedState {
-    catalog: Arc<dyn CatalogStore>,
+/// The stream type of `WatchCatalog`.
+pub type ChangeStream = Feed<CatalogChange>;
+
+/// A change-log record: its position in the log.
+pub trait Versioned {
+    fn version(&self) -> u64;
+}
+
+impl Versioned for CatalogChange {
+    fn version(&self) -> u64 {
+        self.version
+    }
+}
+
+impl Versioned for GrantChange {
+    fn version(&self) -> u64 {
+        self.version
+    }
+}
+
+impl Versioned for Revocation {
+    fn version(&self) -> u64 {
+        self.version
+    }
+}
+
+/// The latest durable version of one change log: writers [`advance`](Self::advance) it after each durable
+/// write, feeds sleep on a [`subscribe`](Self::subscribe)d receiver.
+#[derive(Debug)]
+pub struct LatestVersion(watch::Sender<u64>);
+
+impl LatestVersion {
+    /// `current`: the log's version at start.
+    pub fn new(current: u64) -> Self {
+        LatestVersion(watch::channel(current).0)
+    }
+
+    /// Announces `version` (wakes the feeds if it is newer than what they were told).
+    pub fn advance(&self, version: u64) {
+        self.0.send_if_modified(|v| {
+            if version > *v {
+                *v = version;
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.0.subscribe()
+    }
+}
+
+struct FeedState<T, R, K> {
+    read: R,
+    keep: K,
     versions: watch::Receiver<u64>,
     shutdown: watch::Receiver<bool>,
     cursor: u64,
-    buffered: VecDeque<CatalogChange>,
+    buffered: VecDeque<T>,
     finished: bool,
 }
 
-/// A stream of the changes with version `> from_version`, forever (until the client leaves or the
-/// directory shuts down). `versions` carries the latest durable version; `shutdown` turns true on shutdown.
-pub fn change_stream(
-    catalog: Arc<dyn CatalogStore>,
+/// A stream of the changes with version `> from_version` for which `keep` is true, in version order,
+/// forever (until the client leaves or the directory shuts down).
+///
+/// `read(after, limit)` reads up to `limit` changes with version `> after` from the log, in version order
+/// (a store's `changes_since`); `versions` carries the log's latest durable version; `shutdown` turns true
+/// on shutdown.
+pub fn feed<T, R, Fut, K>(
+    read: R,
+    keep: K,
     versions: watch::Receiver<u64>,
     shutdown: watch::Receiver<bool>,
     from_version: u64,
-) -> ChangeStream {
-    let state =
-        FeedState { catalog, versions, shutdown, cursor: from_version, buffered: VecDeque::new(), finished: false };
+) -> Feed<T>
+where
+    T: Versioned + Send + 'static,
+    R: Fn(u64, usize) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<Vec<T>, StoreError>> + Send + 'static,
+    K: Fn(&T) -> bool + Send + Sync + 'static,
+{
+    let state = FeedState {
+        read,
+        keep,
+        versions,
+        shutdown,
+        cursor: from_version,
+        buffered: VecDeque::new(),
+        finished: false,
+    };
     Box::pin(futures::stream::unfold(state, |mut s| async move {
         let item = next_change(&mut s).await?;
         Some((item, s))
     }))
 }
 
-async fn next_change(s: &mut FeedState) -> Option<Result<CatalogChange, Status>> {
+async fn next_change<T, R, Fut, K>(s: &mut FeedState<T, R, K>) -> Option<Result<T, Status>>
+where
+    T: Versioned,
+    R: Fn(u64, usize) -> Fut,
+    Fut: Future<Output = Result<Vec<T>, StoreError>>,
+    K: Fn(&T) -> bool,
+{
     if s.finished {
         return None;
     }
-    let end = |s: &mut FeedState, status: Status| {
-        s.finished = true;
-        Some(Err(status))
-    };
     loop {
         if *s.shutdown.borrow() {
             let cursor = s.cursor;
-            return end(
-                s,
-                Status::unavailable(format!("the directory is shutting down; resume from version {cursor}")),
-            );
+            return s.end(Status::unavailable(format!(
+                "the directory is shutting down; resume from version {cursor}"
+            )));
         }
         if let Some(change) = s.buffered.pop_front() {
-            if change.version != s.cursor + 1 {
-                let msg = format!("change log gap: expected version {}, found {}", s.cursor + 1, change.version);
-                return end(s, DirectoryError::Internal(msg).into());
+            let version = change.version();
+            if version != s.cursor + 1 {
+                let msg = format!("change log gap: expected version {}, found {version}", s.cursor + 1);
+                return s.end(DirectoryError::Internal(msg).into());
             }
-            s.cursor = change.version;
-            return Some(Ok(change));
+            s.cursor = version;
+            if (s.keep)(&change) {
+                return Some(Ok(change));
+            }
+            continue;
         }
         // Mark the current version seen *before* reading, so a write landing after the read still wakes us.
         s.versions.borrow_and_update();
-        match s.catalog.changes_since(s.cursor, BATCH).await {
-            Err(e) => return end(s, DirectoryError::Store(e).into()),
+        match (s.read)(s.cursor, BATCH).await {
+            Err(e) => return s.end(DirectoryError::Store(e).into()),
             Ok(changes) if !changes.is_empty() => s.buffered.extend(changes),
             Ok(_) => {
                 tokio::select! {
                     changed = s.versions.changed() => {
                         if changed.is_err() {
-                            return end(s, DirectoryError::ShuttingDown.into());
+                            return s.end(DirectoryError::ShuttingDown.into());
                         }
                     }
                     changed = s.shutdown.changed() => {
                         if changed.is_err() {
                             // The server is gone without saying so: end rather than spin on a closed channel.
-                            return end(s, DirectoryError::ShuttingDown.into());
+                            return s.end(DirectoryError::ShuttingDown.into());
                         }
                     }
                 }
             }
         }
+    }
+}
+
+impl<T, R, K> FeedState<T, R, K> {
+    /// Ends the stream with `status` (the next poll returns `None`).
+    fn end(&mut self, status: Status) -> Option<Result<T, Status>> {
+        self.finished = true;
+        Some(Err(status))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::StreamExt;
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    #[derive(Clone, Debug, PartialEq)]
+    struct Change(u64, &'static str);
+    impl Versioned for Change {
+        fn version(&self) -> u64 {
+            self.0
+        }
+    }
+
+    type Log = Arc<Mutex<Vec<Change>>>;
+
+    fn reader(log: Log) -> impl Fn(u64, usize) -> futures::future::Ready<Result<Vec<Change>, StoreError>> {
+        move |after, limit| {
+            let all = log.lock().unwrap();
+            futures::future::ready(Ok(all.iter().filter(|c| c.0 > after).take(limit).cloned().collect()))
+        }
+    }
+
+    async fn next(f: &mut Feed<Change>) -> Result<Change, Status> {
+        tokio::time::timeout(Duration::from_secs(5), f.next()).await.expect("item within 5 s").expect("open")
+    }
+
+    #[tokio::test]
+    async fn filtered_feed_replays_follows_live_and_ends_on_shutdown() {
+        let log: Log = Arc::new(Mutex::new(vec![Change(1, "a"), Change(2, "b"), Change(3, "a")]));
+        let latest = LatestVersion::new(3);
+        let (stop, stopped) = watch::channel(false);
+        let mut f = feed(reader(log.clone()), |c: &Change| c.1 == "a", latest.subscribe(), stopped, 0);
+        assert_eq!(next(&mut f).await.unwrap(), Change(1, "a"));
+        assert_eq!(next(&mut f).await.unwrap(), Change(3, "a"));
+        // live: a filtered-out change advances the cursor silently
+        log.lock().unwrap().extend([Change(4, "b"), Change(5, "a")]);
+        latest.advance(5);
+        assert_eq!(next(&mut f).await.unwrap(), Change(5, "a"));
+        stop.send(true).unwrap();
+        let status = next(&mut f).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        assert!(status.message().contains("resume from version 5"), "{}", status.message());
+        assert!(f.next().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_gap_in_the_log_ends_the_feed_even_where_filtered_out() {
+        let log: Log = Arc::new(Mutex::new(vec![Change(1, "a"), Change(3, "b")]));
+        let latest = LatestVersion::new(3);
+        let (_stop, stopped) = watch::channel(false);
+        let mut f = feed(reader(log), |c: &Change| c.1 == "a", latest.subscribe(), stopped, 0);
+        assert_eq!(next(&mut f).await.unwrap(), Change(1, "a"));
+        assert_eq!(next(&mut f).await.unwrap_err().code(), tonic::Code::Internal);
+        assert!(f.next().await.is_none());
     }
 }

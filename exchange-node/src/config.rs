@@ -12,6 +12,7 @@ use client_sdk::tls::TlsPaths;
 use serde::Deserialize;
 
 use crate::error::NodeError;
+use crate::quota::{QuotaRule, QuotaTable};
 
 /// Connections served at once before further clients wait in the kernel's backlog.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
@@ -43,6 +44,35 @@ pub struct Config {
     /// `text` or `json`; the level comes from `RUST_LOG` (default `info`).
     #[serde(default)]
     pub log_format: LogFormat,
+    /// Relay settings (`[relay]`).
+    #[serde(default)]
+    pub relay: RelayConfig,
+    /// Rate limits this node sets as a provider (`[[quotas]]`), per consumer department and resource.
+    /// Re-read on SIGHUP without a restart.
+    #[serde(default)]
+    pub quotas: Vec<QuotaRule>,
+    /// The file this configuration was read from (for reloads); not a TOML key.
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
+}
+
+/// `[relay]`: how this node calls other departments' nodes, and how often it seals its audit trail.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RelayConfig {
+    /// Deadline of a call to a provider's node (and of a resolution by the directory).
+    pub call_timeout_seconds: u64,
+    /// How long a resolved provider address is reused before asking the directory again (a catalog
+    /// change drops it at once).
+    pub resolve_cache_seconds: u64,
+    /// How often the audit trail is sealed (signed) when it has new entries.
+    pub audit_seal_seconds: u64,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        RelayConfig { call_timeout_seconds: 10, resolve_cache_seconds: 30, audit_seal_seconds: 10 }
+    }
 }
 
 pub use client_sdk::process::LogFormat;
@@ -60,7 +90,10 @@ impl Config {
         let text = std::fs::read_to_string(path)
             .map_err(|e| NodeError::Config(format!("{}: {e}", path.display())))?;
         let base = path.parent().unwrap_or(Path::new("."));
-        Config::from_toml(&text, base).map_err(|e| NodeError::Config(format!("{}: {e}", path.display())))
+        let mut config =
+            Config::from_toml(&text, base).map_err(|e| NodeError::Config(format!("{}: {e}", path.display())))?;
+        config.source = Some(path.to_path_buf());
+        Ok(config)
     }
 
     /// Parses and checks TOML text; relative paths are resolved against `base`.
@@ -96,6 +129,10 @@ impl Config {
         if self.max_connections == 0 {
             return Err("max_connections must be at least 1".into());
         }
+        if self.relay.call_timeout_seconds == 0 || self.relay.audit_seal_seconds == 0 {
+            return Err("relay.call_timeout_seconds and relay.audit_seal_seconds must be at least 1".into());
+        }
+        QuotaTable::new(&self.quotas).map_err(|e| e.to_string())?;
         Ok(())
     }
 }
@@ -136,6 +173,17 @@ key = "/etc/keys/tax-node.key"
         let bad = MINIMAL.replace("tax-node.example:7401", "tax-node.example");
         let err = Config::from_toml(&bad, Path::new(".")).unwrap_err();
         assert!(err.contains("advertise_address"), "{err}");
+    }
+
+    #[test]
+    fn quotas_are_checked_when_read() {
+        let with = format!("{MINIMAL}\n[[quotas]]\nconsumer = \"tax\"\nresource = \"*\"\nper_second = 0\n");
+        let err = Config::from_toml(&with, Path::new(".")).unwrap_err();
+        assert!(err.contains("quotas[0]") && err.contains("per_second"), "{err}");
+        let ok = with.replace("per_second = 0", "per_second = 50\nburst = 100");
+        let c = Config::from_toml(&ok, Path::new(".")).unwrap();
+        assert_eq!(c.quotas[0].burst, Some(100));
+        assert_eq!(c.relay.resolve_cache_seconds, 30);
     }
 
     #[test]

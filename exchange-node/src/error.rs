@@ -1,9 +1,11 @@
 //! The node's errors, and the one place they become gRPC statuses ([`From<NodeError> for Status`]).
 
 use std::error::Error as _;
+use std::time::Duration;
 
 use client_sdk::catalog::CatalogError;
 use client_sdk::identity::Role;
+pub use client_sdk::status::Violation;
 use client_sdk::tls::TlsError;
 use tonic::Status;
 
@@ -24,9 +26,28 @@ pub enum NodeError {
     Serve(String),
 
     // ---- per call ----
+    /// The request is malformed; one violation per bad field. Nothing of it is stored or relayed.
+    #[error("{}", client_sdk::status::invalid_message(.0))]
+    InvalidArgument(Vec<Violation>),
     /// The caller may not do this here.
     #[error("{0}")]
     PermissionDenied(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// A provider's quota for this consumer and resource is used up until `retry_after`.
+    #[error("{message}")]
+    ResourceExhausted { message: String, retry_after: Duration },
+    /// Something the call needs is not available right now (retry later).
+    #[error("{0}")]
+    Unavailable(String),
+    /// The provider's node answered with an error; it goes back to the application as the provider sent it.
+    #[error("provider: {}", .0.message())]
+    Peer(Status),
+    /// The audit trail could not be written: the request is refused rather than served unrecorded.
+    #[error("audit trail: {0}")]
+    Audit(String),
     /// The directory answered with an error; it goes back to the caller as the directory sent it.
     #[error("directory: {}", .0.message())]
     Directory(Status),
@@ -36,6 +57,11 @@ pub enum NodeError {
 }
 
 impl NodeError {
+    /// A single bad field.
+    pub fn invalid(field: impl Into<String>, description: impl Into<String>) -> Self {
+        NodeError::InvalidArgument(vec![Violation::new(field, description)])
+    }
+
     /// Sorts a failed directory call: a status the directory sent passes through unchanged; one our own
     /// client made up (it carries the transport error as its source) means the directory was not reached.
     pub fn from_directory(addr: &str, status: Status) -> NodeError {
@@ -56,7 +82,15 @@ impl From<sled::Error> for NodeError {
 impl From<NodeError> for Status {
     fn from(e: NodeError) -> Status {
         match e {
+            NodeError::InvalidArgument(violations) => client_sdk::status::bad_request(violations),
             NodeError::PermissionDenied(msg) => Status::permission_denied(msg),
+            NodeError::NotFound(msg) => Status::not_found(msg),
+            NodeError::FailedPrecondition(msg) => Status::failed_precondition(msg),
+            NodeError::ResourceExhausted { message, retry_after } => {
+                client_sdk::status::resource_exhausted(message, retry_after)
+            }
+            NodeError::Unavailable(msg) => Status::unavailable(msg),
+            NodeError::Peer(s) => Status::with_details(s.code(), s.message(), s.details().to_vec().into()),
             // Rebuilt from code, message and details only: the details (google.rpc.BadRequest with the field
             // violations) are what the caller needs; the directory's transport headers are not ours to relay.
             NodeError::Directory(s) => Status::with_details(s.code(), s.message(), s.details().to_vec().into()),

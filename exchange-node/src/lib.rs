@@ -27,16 +27,21 @@
 //!   `client_sdk::auth::IdentityInterceptor` (revocation checked per call).
 //! - Directory errors reach the node's callers with the directory's code, message and details.
 
-pub mod config;
 pub mod audit;
+pub mod config;
+pub mod consumer;
+pub mod error;
+pub mod policy;
 pub mod quota;
 pub mod records;
-pub mod error;
 pub mod registration;
+pub mod relay;
+pub mod reload;
 pub mod server;
 pub mod service;
 pub mod state;
 pub mod store;
+pub mod sync;
 
 pub use config::Config;
 pub use error::NodeError;

@@ -1,5 +1,6 @@
 //! Keeping the node known to the directory: register, heartbeat, re-register when the lease is lost,
-//! publish the configured catalog file after each registration, and keep the revocation list current.
+//! and publish the configured catalog file after each registration. (Revocations and grants arrive by
+//! watch streams: see `sync`.)
 //!
 //! The directory takes the node's department and name from its certificate; the request only carries the
 //! address others reach the node at. Every directory call uses the node's own identity.
@@ -9,7 +10,7 @@
 //!   `heartbeat_interval_seconds` the directory returned. A heartbeat answered with FAILED_PRECONDITION or
 //!   NOT_FOUND means the directory no longer holds the lease (it expired, or the directory lost it):
 //!   register again. Any other failure is retried with backoff, never slower than the heartbeat interval,
-//!   so a short directory outage does not cost the lease. The revocation list is refreshed along the way.
+//!   so a short directory outage does not cost the lease.
 //! - the catalog task (only with `catalog_file`): after each successful registration (the first, and any
 //!   after a lost lease, when the directory may have lost its state) publishes the file in batches,
 //!   resuming after the last accepted batch on transient errors. A file the directory refuses
@@ -18,15 +19,13 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use client_sdk::client::{self, BatchPublishError};
 use client_sdk::error::ClientError;
-use client_sdk::identity::normalize_serial;
-use client_sdk::tls::RevocationSet;
 use exchange_proto::v1::directory_client::DirectoryClient;
 use exchange_proto::v1::{
-    CatalogEntry, HeartbeatRequest, HeartbeatResponse, ListRevocationsRequest, RegisterNodeRequest,
+    CatalogEntry, HeartbeatRequest, HeartbeatResponse, RegisterNodeRequest,
     RegisterNodeResponse,
 };
 use tokio::sync::watch;
@@ -45,8 +44,6 @@ pub struct Timing {
     pub backoff_max: Duration,
     /// Used when the directory returns a heartbeat interval of 0.
     pub default_heartbeat: Duration,
-    /// How often the revocation list is fetched again.
-    pub revocation_refresh: Duration,
     /// Deadline of each directory call.
     pub call_timeout: Duration,
 }
@@ -57,7 +54,6 @@ impl Default for Timing {
             backoff_start: Duration::from_millis(500),
             backoff_max: Duration::from_secs(30),
             default_heartbeat: Duration::from_secs(10),
-            revocation_refresh: Duration::from_secs(60),
             call_timeout: Duration::from_secs(15),
         }
     }
@@ -106,7 +102,8 @@ pub struct Registrar {
     pub directory_address: String,
     pub state: Arc<NodeState>,
     pub store: Arc<dyn NodeStore>,
-    pub revocations: RevocationSet,
+    /// The node's audit seal key (hex), registered so others can check the node's audit trail.
+    pub audit_verifying_key_hex: String,
     pub catalog: Option<CatalogToPublish>,
     pub timing: Timing,
 }
@@ -164,7 +161,7 @@ impl Registrar {
         let req = RegisterNodeRequest {
             address: self.state.advertise_address.clone(),
             software_version: SOFTWARE_VERSION.to_string(),
-            ..Default::default()
+            audit_verifying_key_hex: self.audit_verifying_key_hex.clone(),
         };
         self.directory.clone().register_node(self.request(req)).await.map(|r| r.into_inner())
     }
@@ -175,7 +172,6 @@ impl Registrar {
 
     async fn lease_task(self: Arc<Self>, mut shutdown: watch::Receiver<bool>, registered: watch::Sender<u64>) {
         let mut backoff = Backoff::new(self.timing.backoff_start, self.timing.backoff_max);
-        let mut revocations = RevocationSync::default();
         'register: loop {
             let grant = loop {
                 let Some(result) = unless_stopped(self.register(), &mut shutdown).await else { return };
@@ -212,9 +208,6 @@ impl Registrar {
                 tracing::warn!(error = %e, "could not remember the registration");
             }
             registered.send_modify(|n| *n += 1);
-            if unless_stopped(revocations.refresh(&self), &mut shutdown).await.is_none() {
-                return;
-            }
 
             let mut wait = interval;
             loop {
@@ -227,11 +220,6 @@ impl Registrar {
                         self.state.heartbeat_ok(beat.catalog_version);
                         backoff.reset();
                         wait = interval;
-                        if revocations.due(self.timing.revocation_refresh)
-                            && unless_stopped(revocations.refresh(&self), &mut shutdown).await.is_none()
-                        {
-                            return;
-                        }
                     }
                     Err(status) if matches!(status.code(), Code::FailedPrecondition | Code::NotFound) => {
                         tracing::warn!(reason = %status.message(), "the directory no longer holds this node's lease; registering again");
@@ -350,49 +338,6 @@ fn log_rejected_catalog(file: &str, entries: &[CatalogEntry], accepted: usize, e
             tracing::error!(%file, "{message}");
         }
         other => tracing::error!(%file, "{other}"),
-    }
-}
-
-/// Keeps the node's revocation set equal to the directory's list.
-#[derive(Default)]
-struct RevocationSync {
-    last: Option<Instant>,
-    /// The directory does not let nodes list revocations: stop asking (logged once).
-    unsupported: bool,
-}
-
-impl RevocationSync {
-    fn due(&self, every: Duration) -> bool {
-        !self.unsupported && self.last.is_none_or(|t| t.elapsed() >= every)
-    }
-
-    async fn refresh(&mut self, r: &Registrar) {
-        if self.unsupported {
-            return;
-        }
-        self.last = Some(Instant::now());
-        match r.directory.clone().list_revocations(r.request(ListRevocationsRequest {})).await {
-            Ok(resp) => {
-                let list = resp.into_inner();
-                let serials = list.revocations.iter().filter_map(|rev| normalize_serial(&rev.serial_hex));
-                r.revocations.replace_all(serials);
-                if let Err(e) = r.store.save_revocations(&list) {
-                    tracing::warn!(error = %e, "could not store the revocation list");
-                }
-                tracing::debug!(revoked = r.revocations.len(), "revocation list refreshed");
-            }
-            Err(status) if matches!(status.code(), Code::PermissionDenied | Code::Unimplemented) => {
-                self.unsupported = true;
-                tracing::warn!(
-                    reason = %status.message(),
-                    "the directory does not let this node list revocations; revoked certificates are refused only \
-                     from the list stored at start-up"
-                );
-            }
-            Err(status) => {
-                tracing::warn!(error = %r.describe(status), "could not refresh the revocation list");
-            }
-        }
     }
 }
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use client_sdk::auth::IdentityInterceptor;
 use client_sdk::catalog::CatalogFile;
-use client_sdk::identity::{normalize_serial, Role};
+use client_sdk::identity::Role;
 use client_sdk::tls::{self, RevocationSet, TlsIdentity};
 use exchange_proto::limits::MAX_MESSAGE_BYTES;
 use exchange_proto::v1::exchange_node_server::ExchangeNodeServer;
@@ -16,15 +16,27 @@ use tokio::sync::{oneshot, watch};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Server;
 
+use crate::audit::{self, AuditKeys, AuditLog};
 use crate::config::Config;
+use crate::consumer::{Consumer, ConsumerSettings};
 use crate::error::NodeError;
+use crate::policy::Policy;
+use crate::quota::QuotaTable;
+use crate::records::sled::SledRecordStore;
+use crate::records::RecordStore;
 use crate::registration::{CatalogToPublish, Registrar, Timing};
+use crate::relay::{Exchange, RelayService};
+use crate::reload;
 use crate::service::NodeService;
 use crate::state::NodeState;
 use crate::store::{NodeStore, SledStore};
+use crate::sync::DirectorySync;
+use exchange_proto::v1::relay_server::RelayServer;
 
 /// The gRPC name of the ExchangeNode service, as health checks ask for it.
 pub const NODE_SERVICE_NAME: &str = "govexchange.v1.ExchangeNode";
+/// The gRPC name of the node-to-node Relay service.
+pub const RELAY_SERVICE_NAME: &str = "govexchange.v1.Relay";
 
 /// Runs the node on `listener` until `shutdown` resolves, then stops heartbeats, lets in-flight calls
 /// finish (at most `shutdown_grace_seconds`) and flushes the store.
@@ -62,20 +74,55 @@ pub async fn run_with_timing(
         None => None,
     };
 
-    let store: Arc<dyn NodeStore> = Arc::new(SledStore::open(&config.data_dir)?);
+    let sled_store = SledStore::open(&config.data_dir)?;
+    let db = sled_store.db().clone();
+    let store: Arc<dyn NodeStore> = Arc::new(sled_store);
     if let Some(previous) = store.last_registration()?.and_then(|r| r.node) {
         if previous.address != config.advertise_address {
             tracing::info!(previous = %previous.address, now = %config.advertise_address, "advertise address changed since the last registration");
         }
     }
+    // The node's copy of the directory's rules; loading it fills the revocation set, so certificates
+    // revoked before a restart stay refused even if the directory is unreachable now.
     let revocations = RevocationSet::default();
-    if let Some(list) = store.revocations()? {
-        revocations.replace_all(list.revocations.iter().filter_map(|r| normalize_serial(&r.serial_hex)));
-    }
+    let policy = Arc::new(Policy::open(&db, &me.department, revocations.clone())?);
+    let records: Arc<dyn RecordStore> =
+        Arc::new(SledRecordStore::open(&db).map_err(|e| NodeError::Store(e.to_string()))?);
+    let keys = AuditKeys::load_or_create(&config.data_dir).map_err(|e| NodeError::Store(e.to_string()))?;
+    let audit_log = Arc::new(AuditLog::open(&db, keys.signing_key().clone()).map_err(|e| NodeError::Store(e.to_string()))?);
+    let quotas = Arc::new(QuotaTable::new(&config.quotas).map_err(|e| NodeError::Config(e.to_string()))?);
+    tracing::info!(
+        provided_resources = policy.provided_resources(),
+        grants_version = policy.grants_version(),
+        revoked = revocations.len(),
+        records = records.count().unwrap_or(0),
+        audit_entries = audit_log.len(),
+        quota_rules = config.quotas.len(),
+        "node state loaded"
+    );
 
     let server_tls = tls::server_config(&tls_identity, revocations.clone())?;
     let directory = client_sdk::client::directory_client(&config.directory_address, &tls_identity)?;
     let state = Arc::new(NodeState::new(me.clone(), config.advertise_address.clone()));
+    let exchange = Arc::new(Exchange {
+        me: me.clone(),
+        policy: policy.clone(),
+        records,
+        audit: audit_log.clone(),
+        hasher: Arc::new(keys.hasher().clone()),
+        quotas: quotas.clone(),
+    });
+    let consumer = Arc::new(Consumer::new(
+        exchange.clone(),
+        directory.clone(),
+        tls_identity.clone(),
+        revocations.clone(),
+        ConsumerSettings {
+            call_timeout: Duration::from_secs(config.relay.call_timeout_seconds),
+            resolve_cache: Duration::from_secs(config.relay.resolve_cache_seconds),
+        },
+        &db,
+    )?);
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let registration = Registrar {
@@ -83,14 +130,27 @@ pub async fn run_with_timing(
         directory_address: config.directory_address.clone(),
         state: state.clone(),
         store: store.clone(),
-        revocations: revocations.clone(),
+        audit_verifying_key_hex: keys.verifying_key_hex(),
         catalog,
-        timing,
+        timing: timing.clone(),
     }
-    .spawn(stop_rx);
+    .spawn(stop_rx.clone());
+    let forget = consumer.clone();
+    let sync = DirectorySync {
+        directory: directory.clone(),
+        directory_address: config.directory_address.clone(),
+        policy: policy.clone(),
+        state: state.clone(),
+        timing,
+        on_foreign_change: Arc::new(move |code: &str| forget.forget(code)),
+    }
+    .spawn(stop_rx.clone());
+    let sealer = audit::spawn_sealer(audit_log.clone(), Duration::from_secs(config.relay.audit_seal_seconds), stop_rx.clone());
+    let reloader = tokio::spawn(reload::reload_task(config.source.clone(), quotas, stop_rx));
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_service_status(NODE_SERVICE_NAME, tonic_health::ServingStatus::Serving).await;
+    health.set_service_status(RELAY_SERVICE_NAME, tonic_health::ServingStatus::Serving).await;
     let reflection = |b: tonic_reflection::server::Builder<'static>| {
         b.register_encoded_file_descriptor_set(exchange_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -102,9 +162,13 @@ pub async fn run_with_timing(
         .build_v1alpha()
         .map_err(|e| NodeError::Serve(e.to_string()))?;
 
-    let node_service = ExchangeNodeServer::new(NodeService::new(directory, config.directory_address.clone(), state))
+    let relay_service = RelayServer::new(RelayService::new(exchange.clone(), directory.clone()))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let node_service =
+        ExchangeNodeServer::new(NodeService::new(directory, config.directory_address.clone(), state, exchange, consumer))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
     // Health and reflection pass the same per-call check: a revoked certificate cannot even probe them.
     let interceptor = IdentityInterceptor::new(revocations);
 
@@ -121,7 +185,7 @@ pub async fn run_with_timing(
         let _ = stop_for_signal.send(true);
         // Health watchers see NOT_SERVING, then their streams end (clearing drops the status sender);
         // an open health watch would otherwise hold the drain until the grace period runs out.
-        for name in ["", NODE_SERVICE_NAME] {
+        for name in ["", NODE_SERVICE_NAME, RELAY_SERVICE_NAME] {
             health.set_service_status(name, tonic_health::ServingStatus::NotServing).await;
             health.clear_service_status(name).await;
         }
@@ -139,6 +203,7 @@ pub async fn run_with_timing(
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_service(InterceptedService::new(node_service, interceptor.clone()))
+        .add_service(InterceptedService::new(relay_service, interceptor.clone()))
         .add_service(InterceptedService::new(health_service, interceptor.clone()))
         .add_service(InterceptedService::new(reflection_v1, interceptor.clone()))
         .add_service(InterceptedService::new(reflection_v1alpha, interceptor))
@@ -160,6 +225,10 @@ pub async fn run_with_timing(
 
     let _ = stop_tx.send(true);
     let _ = registration.await;
+    let _ = sync.await;
+    let _ = reloader.await;
+    // The sealer seals once more on the way out, so every entry of this run is covered by a signature.
+    let _ = sealer.await;
     store.flush()?;
     tracing::info!("exchange node stopped");
     served
@@ -173,5 +242,6 @@ mod tests {
     #[test]
     fn health_uses_the_generated_service_name() {
         assert_eq!(NODE_SERVICE_NAME, <ExchangeNodeServer<NodeService> as NamedService>::NAME);
+        assert_eq!(RELAY_SERVICE_NAME, <RelayServer<RelayService> as NamedService>::NAME);
     }
 }

@@ -20,7 +20,11 @@ use exchange_proto::v1::{
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
-use crate::error::NodeError;
+use crate::audit;
+use crate::consumer::Consumer;
+use crate::error::{NodeError, Violation};
+use crate::records::validate::validate_batch;
+use crate::relay::Exchange;
 use crate::state::NodeState;
 
 /// Deadline of a forwarded call to the directory (a large batch is validated and made durable there).
@@ -30,11 +34,19 @@ pub struct NodeService {
     directory: DirectoryClient<Channel>,
     directory_address: String,
     state: Arc<NodeState>,
+    exchange: Arc<Exchange>,
+    consumer: Arc<Consumer>,
 }
 
 impl NodeService {
-    pub fn new(directory: DirectoryClient<Channel>, directory_address: String, state: Arc<NodeState>) -> Self {
-        NodeService { directory, directory_address, state }
+    pub fn new(
+        directory: DirectoryClient<Channel>,
+        directory_address: String,
+        state: Arc<NodeState>,
+        exchange: Arc<Exchange>,
+        consumer: Arc<Consumer>,
+    ) -> Self {
+        NodeService { directory, directory_address, state, exchange, consumer }
     }
 
     /// Refuses callers of another department, and roles other than `roles`.
@@ -107,78 +119,86 @@ impl ExchangeNode for NodeService {
     async fn node_status(&self, request: Request<NodeStatusRequest>) -> Result<Response<NodeStatusResponse>, Status> {
         let id = caller(&request)?;
         self.authorize(id, &[Role::Operator], "NodeStatus")?;
-        Ok(Response::new(self.state.status()))
+        let x = &self.exchange;
+        let mut status = self.state.status();
+        status.grants_version = x.policy.grants_version();
+        status.revocations_version = x.policy.revocations_version();
+        status.catalog_version = status.catalog_version.max(x.policy.catalog_version());
+        status.provided_resources = x.policy.provided_resources();
+        status.active_grants = x.policy.active_grants(crate::state::now_unix_ms());
+        status.directory_watch_connected = x.policy.all_connected();
+        status.audit_entries = x.audit.len();
+        status.records_stored = x.records.count().unwrap_or(0);
+        Ok(Response::new(status))
     }
 
-    async fn put_records(&self, _r: Request<PutRecordsRequest>) -> Result<Response<PutRecordsResponse>, Status> {
-        Err(Status::unimplemented("TODO"))
-    }
-    async fn query_records(&self, _r: Request<QueryRecordsRequest>) -> Result<Response<QueryRecordsResponse>, Status> {
-        Err(Status::unimplemented("TODO"))
-    }
-    async fn query_audit(&self, _r: Request<QueryAuditRequest>) -> Result<Response<QueryAuditResponse>, Status> {
-        Err(Status::unimplemented("TODO"))
-    }
-    async fn verify_audit(&self, _r: Request<VerifyAuditRequest>) -> Result<Response<VerifyAuditResponse>, Status> {
-        Err(Status::unimplemented("TODO"))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use tonic::Code;
-
-    fn identity(dept: &str, role: Role) -> PeerIdentity {
-        PeerIdentity { department: dept.into(), role, name: format!("{dept}-{role}"), serial_hex: "01".into(), not_after_unix: 0 }
-    }
-
-    fn service() -> NodeService {
-        // A lazy channel: nothing dials unless a call is forwarded.
-        let channel = tonic::transport::Endpoint::from_static("http://127.0.0.1:1").connect_lazy();
-        let state = Arc::new(NodeState::new(identity("tax", Role::Node), "127.0.0.1:7401".into()));
-        NodeService::new(client_sdk::client::directory_client_on(channel), "127.0.0.1:1".into(), state)
-    }
-
-    fn with_caller<T>(message: T, id: PeerIdentity) -> Request<T> {
-        let mut req = Request::new(message);
-        req.extensions_mut().insert(id);
-        req
-    }
-
-    #[tokio::test]
-    async fn other_departments_and_roles_are_refused() {
-        let svc = service();
-        for id in [identity("commerce", Role::Operator), identity("tax", Role::Node), identity("tax", Role::Directory)] {
-            let err = svc.publish_catalog(with_caller(PublishEntriesRequest::default(), id.clone())).await.unwrap_err();
-            assert_eq!(err.code(), Code::PermissionDenied, "{id}");
-            let err = svc.withdraw_catalog(with_caller(WithdrawEntriesRequest::default(), id.clone())).await.unwrap_err();
-            assert_eq!(err.code(), Code::PermissionDenied, "{id}");
+    async fn put_records(&self, request: Request<PutRecordsRequest>) -> Result<Response<PutRecordsResponse>, Status> {
+        let id = caller(&request)?.clone();
+        self.authorize(&id, &[Role::App, Role::Operator], "PutRecords")?;
+        let body = request.into_inner();
+        let x = &self.exchange;
+        let entry = x.own_entry(&body.resource_code, &self.directory).await?;
+        if entry.withdrawn {
+            return Err(NodeError::FailedPrecondition(format!(
+                "resource {} has been withdrawn; publish it again before loading records",
+                body.resource_code
+            ))
+            .into());
         }
-        let err = svc.node_status(with_caller(NodeStatusRequest {}, identity("tax", Role::App))).await.unwrap_err();
-        assert_eq!(err.code(), Code::PermissionDenied);
-        let err = svc.node_status(with_caller(NodeStatusRequest {}, identity("commerce", Role::Operator))).await.unwrap_err();
-        assert_eq!(err.code(), Code::PermissionDenied);
-    }
-
-    #[tokio::test]
-    async fn own_operator_gets_status() {
-        let svc = service();
-        let status = svc.node_status(with_caller(NodeStatusRequest {}, identity("tax", Role::Operator))).await.unwrap();
-        let status = status.into_inner();
-        assert_eq!(status.department, "tax");
-        assert_eq!(status.address, "127.0.0.1:7401");
-        assert!(!status.registered);
-    }
-
-    #[tokio::test]
-    async fn unreachable_directory_is_unavailable() {
-        let svc = service();
-        let err = svc
-            .publish_catalog(with_caller(PublishEntriesRequest::default(), identity("tax", Role::App)))
+        let today = time::OffsetDateTime::now_utc().date();
+        let count = body.records.len();
+        let records = validate_batch(&entry, body.records, today).map_err(|violations| {
+            tracing::info!(caller = %id, resource = %body.resource_code, records = count, violations = violations.len(), "record batch refused");
+            NodeError::InvalidArgument(
+                violations.into_iter().map(|v| Violation::new(v.field, v.description)).collect(),
+            )
+        })?;
+        let store = x.records.clone();
+        let code = body.resource_code.clone();
+        let stored = tokio::task::spawn_blocking(move || store.put_batch(&code, records))
             .await
-            .unwrap_err();
-        assert_eq!(err.code(), Code::Unavailable, "{err:?}");
-        assert!(err.message().contains("unreachable"), "{}", err.message());
+            .map_err(|e| NodeError::Store(format!("record store task: {e}")))?
+            .map_err(|e| NodeError::Store(e.to_string()))?;
+        tracing::info!(caller = %id, resource = %body.resource_code, records = stored, "records stored");
+        Ok(Response::new(PutRecordsResponse { stored }))
+    }
+
+    async fn query_records(
+        &self,
+        request: Request<QueryRecordsRequest>,
+    ) -> Result<Response<QueryRecordsResponse>, Status> {
+        let id = caller(&request)?.clone();
+        self.authorize(&id, &[Role::App, Role::Operator], "QueryRecords")?;
+        let resp = self.consumer.query(&id, request.into_inner()).await?;
+        Ok(Response::new(resp))
+    }
+
+    async fn query_audit(&self, request: Request<QueryAuditRequest>) -> Result<Response<QueryAuditResponse>, Status> {
+        let id = caller(&request)?.clone();
+        self.authorize(&id, &[Role::Operator], "QueryAudit")?;
+        let body = request.into_inner();
+        let audit = self.exchange.audit.clone();
+        let hasher = self.exchange.hasher.clone();
+        let (entries, truncated, total_entries) = tokio::task::spawn_blocking(move || audit::query(&*audit, &body, &hasher))
+            .await
+            .map_err(|e| NodeError::Store(format!("audit task: {e}")))?
+            .map_err(|e| match e {
+                audit::AuditError::InvalidFilter { field, reason } => NodeError::invalid(field, reason),
+                e => NodeError::Audit(e.to_string()),
+            })?;
+        Ok(Response::new(QueryAuditResponse { entries, total_entries, truncated }))
+    }
+
+    async fn verify_audit(&self, request: Request<VerifyAuditRequest>) -> Result<Response<VerifyAuditResponse>, Status> {
+        let id = caller(&request)?.clone();
+        self.authorize(&id, &[Role::Operator], "VerifyAudit")?;
+        let audit = self.exchange.audit.clone();
+        let report = tokio::task::spawn_blocking(move || audit.verify_report())
+            .await
+            .map_err(|e| NodeError::Store(format!("audit task: {e}")))?;
+        if !report.intact {
+            tracing::error!(problem = %report.problem, seq = report.problem_seq, caller = %id, "audit trail verification failed");
+        }
+        Ok(Response::new(report))
     }
 }

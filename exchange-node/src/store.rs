@@ -1,13 +1,14 @@
 //! The node's own durable state, behind [`NodeStore`] so the sled engine can be swapped (sled is beta).
 //!
-//! For now it holds what a restart should not forget: the last registration the directory granted
-//! (to report it and to notice a changed address), and the revocation list last fetched from the
-//! directory (so a revoked certificate stays refused while the directory is unreachable after a restart).
+//! It holds the last registration the directory granted (to report it and to notice a changed address).
+//! The node's other state lives in its own trees of the same sled database: the directory's rules
+//! (`policy`), the record store (`records`) and the audit trail (`audit`); [`SledStore::db`] hands the
+//! database to them.
 //! Records are protobuf-encoded so the format is shared with the wire and evolves the same way.
 
 use std::path::Path;
 
-use exchange_proto::v1::{ListRevocationsResponse, RegisterNodeResponse};
+use exchange_proto::v1::RegisterNodeResponse;
 use prost::Message;
 
 use crate::error::NodeError;
@@ -16,14 +17,11 @@ use crate::error::NodeError;
 pub trait NodeStore: Send + Sync + 'static {
     fn last_registration(&self) -> Result<Option<RegisterNodeResponse>, NodeError>;
     fn save_registration(&self, registration: &RegisterNodeResponse) -> Result<(), NodeError>;
-    fn revocations(&self) -> Result<Option<ListRevocationsResponse>, NodeError>;
-    fn save_revocations(&self, revocations: &ListRevocationsResponse) -> Result<(), NodeError>;
     /// Makes every write so far durable (called on shutdown).
     fn flush(&self) -> Result<(), NodeError>;
 }
 
 const KEY_REGISTRATION: &[u8] = b"registration";
-const KEY_REVOCATIONS: &[u8] = b"revocations";
 
 /// [`NodeStore`] on a sled database in `data_dir`.
 ///
@@ -34,6 +32,11 @@ pub struct SledStore {
 }
 
 impl SledStore {
+    /// The database, for the other modules' trees (one database per node: one lock file, one flusher).
+    pub fn db(&self) -> &sled::Db {
+        &self.db
+    }
+
     pub fn open(data_dir: &Path) -> Result<Self, NodeError> {
         std::fs::create_dir_all(data_dir)
             .map_err(|e| NodeError::Store(format!("{}: {e}", data_dir.display())))?;
@@ -64,12 +67,6 @@ impl NodeStore for SledStore {
     fn save_registration(&self, registration: &RegisterNodeResponse) -> Result<(), NodeError> {
         self.put(KEY_REGISTRATION, registration)
     }
-    fn revocations(&self) -> Result<Option<ListRevocationsResponse>, NodeError> {
-        self.get(KEY_REVOCATIONS)
-    }
-    fn save_revocations(&self, revocations: &ListRevocationsResponse) -> Result<(), NodeError> {
-        self.put(KEY_REVOCATIONS, revocations)
-    }
     fn flush(&self) -> Result<(), NodeError> {
         self.db.flush()?;
         Ok(())
@@ -79,7 +76,7 @@ impl NodeStore for SledStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use exchange_proto::v1::{NodeInfo, Revocation};
+    use exchange_proto::v1::NodeInfo;
 
     #[test]
     fn records_survive_reopening() {
@@ -93,14 +90,9 @@ mod tests {
                 heartbeat_interval_seconds: 10,
             };
             store.save_registration(&reg).unwrap();
-            let revs = ListRevocationsResponse {
-                revocations: vec![Revocation { serial_hex: "0aff".into(), ..Default::default() }],
-            };
-            store.save_revocations(&revs).unwrap();
             store.flush().unwrap();
         }
         let store = SledStore::open(dir.path()).unwrap();
         assert_eq!(store.last_registration().unwrap().unwrap().node.unwrap().address, "tax:7401");
-        assert_eq!(store.revocations().unwrap().unwrap().revocations[0].serial_hex, "0aff");
     }
 }

@@ -10,6 +10,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let json = cli.global.json;
     let directory = cli.global.directory.clone();
+    let node = cli.global.node_addr().to_string();
     // One command at a time: a current-thread runtime is enough and starts faster.
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -25,7 +26,7 @@ fn main() -> ExitCode {
             if code == cli::EXIT_UNREACHABLE {
                 eprintln!(
                     "hint: is the server running? The directory is taken to be at {directory} \
-                     (--directory or EXCHANGE_DIRECTORY); node commands use --node."
+                     (--directory or EXCHANGE_DIRECTORY), the node at {node} (--node or EXCHANGE_NODE)."
                 );
             }
             ExitCode::from(code)

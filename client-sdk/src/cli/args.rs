@@ -4,10 +4,13 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-/// Operator CLI for gov-exchange: certificates, the catalog, nodes.
+/// Operator CLI for gov-exchange: certificates, the catalog, nodes, records, grants, audit.
 ///
 /// Certificates: pass --ca/--cert/--key, or --pki-dir with --identity NAME for DIR/ca.crt,
 /// DIR/NAME.crt and DIR/NAME.key (the layout `exchangectl pki issue` writes).
+///
+/// Servers: the directory is --directory; your department's node is --node (records, audit,
+/// node-status, and catalog publish/withdraw when given).
 #[derive(Debug, Parser)]
 #[command(name = "exchangectl", version, propagate_version = true, max_term_width = 110)]
 pub struct Cli {
@@ -38,12 +41,26 @@ pub struct GlobalOpts {
     /// Directory server address.
     #[arg(long, global = true, env = "EXCHANGE_DIRECTORY", value_name = "HOST:PORT", default_value = "127.0.0.1:7400")]
     pub directory: String,
+    /// Your department's node, for records, audit and node-status [default: 127.0.0.1:7401]. When given,
+    /// catalog publish and withdraw also go through it instead of straight to the directory.
+    #[arg(long, global = true, env = "EXCHANGE_NODE", value_name = "HOST:PORT")]
+    pub node: Option<String>,
     /// Machine-readable output: one JSON document per command (JSON lines for `catalog watch`).
     #[arg(long, global = true)]
     pub json: bool,
     /// Deadline of each call, in seconds (not applied to `catalog watch`).
     #[arg(long, global = true, default_value_t = 30, value_name = "SECONDS")]
     pub timeout: u64,
+}
+
+/// The node address when neither --node nor EXCHANGE_NODE gives one.
+pub const DEFAULT_NODE: &str = "127.0.0.1:7401";
+
+impl GlobalOpts {
+    /// The node that node commands talk to.
+    pub fn node_addr(&self) -> &str {
+        self.node.as_deref().unwrap_or(DEFAULT_NODE)
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -60,14 +77,147 @@ pub enum Command {
         #[arg(long, value_name = "CODE")]
         dept: Option<String>,
     },
-    /// A node's own view of itself (ExchangeNode.NodeStatus; operator of the node's department).
-    NodeStatus {
-        /// The node's address.
-        #[arg(long, value_name = "HOST:PORT")]
-        node: String,
-    },
+    /// A node's own view of itself (ExchangeNode.NodeStatus at --node; operator of the node's department).
+    NodeStatus,
     /// Who the directory takes this certificate for.
     Whoami,
+    /// Records: store your department's (put), look up another department's (get), through --node.
+    #[command(subcommand)]
+    Records(RecordsCommand),
+    /// Grants of access to conditional resources, kept by the directory: request, list, decide, revoke.
+    #[command(subcommand)]
+    Grants(GrantsCommand),
+    /// The node's audit trail (operator of the node's department): query entries, verify the seals.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RecordsCommand {
+    /// Store records of a resource your department publishes (app or operator certificate).
+    ///
+    /// All or nothing per batch of 5000: one bad record refuses its batch, and every problem is listed
+    /// as records[i].key or records[i].items[名称] (i counts from 0 in the file).
+    Put {
+        /// Resource code (your department's catalog entry).
+        #[arg(long, value_name = "CODE")]
+        resource: String,
+        /// A JSON array of {"key": "...", "items": {"名称": "值", ...}}, or one such object per line
+        /// (JSON lines); `-` reads standard input.
+        #[arg(long, short, value_name = "FILE")]
+        file: PathBuf,
+    },
+    /// Look up records of another department's resource by key (app certificate).
+    Get {
+        /// Resource code.
+        #[arg(long, value_name = "CODE")]
+        resource: String,
+        /// Record keys: 统一社会信用代码, 公民身份号码, or the entry's key item.
+        #[arg(required = true, value_name = "KEY")]
+        keys: Vec<String>,
+        /// Why you ask (recorded in both departments' audit trails).
+        #[arg(long, value_name = "TEXT", default_value = "")]
+        purpose: String,
+    },
+}
+
+/// Grant status words, as `grants list --status` takes them.
+pub const GRANT_STATUS_WORDS: [&str; 6] = ["pending", "approved", "rejected", "revoked", "expired", "superseded"];
+
+#[derive(Debug, Subcommand)]
+pub enum GrantsCommand {
+    /// Ask for access to data items of a conditional resource (your department is the consumer).
+    Request {
+        /// Resource code.
+        #[arg(long, value_name = "CODE")]
+        resource: String,
+        /// The data items needed, comma-separated (e.g. 企业名称,登记状态).
+        #[arg(long, value_name = "A,B,C", value_delimiter = ',', required = true)]
+        items: Vec<String>,
+        /// 用途: what the data is for.
+        #[arg(long, value_name = "TEXT", default_value = "")]
+        purpose: String,
+        /// 依据: the law or agreement that allows it.
+        #[arg(long, value_name = "TEXT", default_value = "")]
+        legal_basis: String,
+    },
+    /// Grants where your department is provider or consumer, newest request first.
+    List {
+        /// Only grants where your department is this side.
+        #[arg(long, value_parser = ["provider", "consumer"])]
+        side: Option<String>,
+        /// Only grants in this status.
+        #[arg(long, value_parser = GRANT_STATUS_WORDS)]
+        status: Option<String>,
+        /// Only grants of this resource.
+        #[arg(long, value_name = "CODE")]
+        resource: Option<String>,
+    },
+    /// Approve a pending grant (operator of the provider department).
+    Approve {
+        /// Grant id (G + 8 digits).
+        id: String,
+        /// Grant only these of the requested items, comma-separated (default: all requested).
+        #[arg(long, value_name = "A,B", value_delimiter = ',')]
+        items: Vec<String>,
+        /// Last day of access: the grant expires at the end of that day, UTC (23:59:59.999Z). An RFC 3339
+        /// time is taken as is. Default: no expiry.
+        #[arg(long, value_name = "YYYY-MM-DD")]
+        expires: Option<String>,
+    },
+    /// Reject a pending grant (operator of the provider department).
+    Reject {
+        /// Grant id.
+        id: String,
+        /// Why (the consumer sees it).
+        #[arg(long, value_name = "TEXT")]
+        reason: String,
+    },
+    /// End an approved grant (operator of the provider department).
+    Revoke {
+        /// Grant id.
+        id: String,
+        /// Why (the consumer sees it).
+        #[arg(long, value_name = "TEXT")]
+        reason: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Check the hash chain and seals of the node's audit trail; exit status 1 when it was tampered with.
+    Verify,
+    /// Audit entries, newest first.
+    Query(AuditQueryArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct AuditQueryArgs {
+    /// From this time: RFC 3339 (2026-01-31T08:00:00+08:00), a date (UTC midnight) or a duration ago
+    /// (30s, 15m, 2h, 1d, 1w).
+    #[arg(long, value_name = "T")]
+    pub since: Option<String>,
+    /// Until this time (same forms as --since).
+    #[arg(long, value_name = "T")]
+    pub until: Option<String>,
+    /// Only calls with this department on the other side.
+    #[arg(long, value_name = "DEPT")]
+    pub peer: Option<String>,
+    /// Only calls for this resource.
+    #[arg(long, value_name = "CODE")]
+    pub resource: Option<String>,
+    /// ok, error, or a gRPC code name (PERMISSION_DENIED, NOT_FOUND...).
+    #[arg(long, value_name = "ok|error|CODE")]
+    pub result: Option<String>,
+    /// Only calls for this record key (the node matches its keyed hash; keys are never stored).
+    #[arg(long, value_name = "KEY")]
+    pub key: Option<String>,
+    /// Only this relay message id.
+    #[arg(long, value_name = "ID")]
+    pub message_id: Option<String>,
+    /// At most this many entries (the node's default is 100).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub limit: Option<u32>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -138,26 +288,22 @@ pub enum CatalogCommand {
     Resolve { code: String },
     /// Publish the entries of a TOML catalog file.
     ///
-    /// Directly to the directory (operator or node certificate of the entries' department), or with
-    /// --node through that department's node (app or operator certificate).
+    /// Directly to the directory (operator or node certificate of the entries' department), or, when
+    /// --node (or EXCHANGE_NODE) is set, through that node's ExchangeNode.PublishCatalog (app or operator
+    /// certificate of the node's department).
     Publish {
         /// Catalog file: [[entries]] tables (see deploy/local/catalog/*.toml).
         #[arg(long, short, value_name = "FILE.toml")]
         file: PathBuf,
-        /// Publish through this node's ExchangeNode.PublishCatalog instead of the directory.
-        #[arg(long, value_name = "HOST:PORT")]
-        node: Option<String>,
         /// Only read and check the file; send nothing.
         #[arg(long)]
         dry_run: bool,
     },
-    /// Withdraw entries (they stay as tombstones so watchers see the withdrawal).
+    /// Withdraw entries (they stay as tombstones so watchers see the withdrawal); through --node when it
+    /// is set, as for publish.
     Withdraw {
         #[arg(required = true, value_name = "CODE")]
         codes: Vec<String>,
-        /// Withdraw through this node's ExchangeNode.WithdrawCatalog instead of the directory.
-        #[arg(long, value_name = "HOST:PORT")]
-        node: Option<String>,
     },
     /// Print catalog changes as they happen; reconnects and resumes after the last version seen.
     Watch {
@@ -259,8 +405,69 @@ mod tests {
         assert!(parse(&["catalog", "withdraw"]).is_err());
         assert!(parse(&["catalog", "publish"]).is_err());
         let cli = parse(&["catalog", "withdraw", "101/000001", "101/000002", "--node", "n:7401"]).unwrap();
-        let Command::Catalog(CatalogCommand::Withdraw { codes, node }) = cli.command else { panic!() };
+        assert_eq!(cli.global.node.as_deref(), Some("n:7401"));
+        let Command::Catalog(CatalogCommand::Withdraw { codes }) = cli.command else { panic!() };
         assert_eq!(codes.len(), 2);
-        assert_eq!(node.as_deref(), Some("n:7401"));
+    }
+
+    #[test]
+    fn node_is_one_global_option_with_a_default() {
+        let cli = parse(&["--node", "tax.example:7401", "node-status"]).unwrap();
+        assert_eq!(cli.global.node_addr(), "tax.example:7401");
+        let cli = parse(&["catalog", "publish", "--file", "c.toml", "--node", "n:1"]).unwrap();
+        assert_eq!(cli.global.node_addr(), "n:1");
+        if std::env::var_os("EXCHANGE_NODE").is_none() {
+            let cli = parse(&["node-status"]).unwrap();
+            assert_eq!(cli.global.node, None, "catalog publish goes to the directory unless a node is given");
+            assert_eq!(cli.global.node_addr(), DEFAULT_NODE);
+        }
+    }
+
+    #[test]
+    fn records_put_and_get() {
+        let cli = parse(&["records", "put", "--resource", "101001/000001", "--file", "-"]).unwrap();
+        let Command::Records(RecordsCommand::Put { resource, file }) = cli.command else { panic!() };
+        assert_eq!((resource.as_str(), file), ("101001/000001", PathBuf::from("-")));
+        assert!(parse(&["records", "put", "--resource", "r"]).is_err(), "--file is required");
+        assert!(parse(&["records", "get", "--resource", "r"]).is_err(), "at least one key");
+        let cli = parse(&["records", "get", "--resource", "r", "K1", "K2", "--purpose", "核验", "--json"]).unwrap();
+        assert!(cli.global.json);
+        let Command::Records(RecordsCommand::Get { keys, purpose, .. }) = cli.command else { panic!() };
+        assert_eq!(keys, ["K1", "K2"]);
+        assert_eq!(purpose, "核验");
+    }
+
+    #[test]
+    fn grants_commands() {
+        let cli = parse(&["grants", "request", "--resource", "r", "--items", "企业名称,登记状态", "--legal-basis", "协议"]).unwrap();
+        let Command::Grants(GrantsCommand::Request { items, legal_basis, purpose, .. }) = cli.command else { panic!() };
+        assert_eq!(items, ["企业名称", "登记状态"]);
+        assert_eq!((legal_basis.as_str(), purpose.as_str()), ("协议", ""));
+        assert!(parse(&["grants", "request", "--resource", "r"]).is_err(), "--items is required");
+
+        let cli = parse(&["grants", "list", "--side", "provider", "--status", "pending"]).unwrap();
+        assert!(matches!(cli.command, Command::Grants(GrantsCommand::List { side: Some(_), status: Some(_), resource: None })));
+        assert!(parse(&["grants", "list", "--status", "open"]).is_err());
+        assert!(parse(&["grants", "list", "--side", "both"]).is_err());
+
+        let cli = parse(&["grants", "approve", "G00000001", "--items", "企业名称", "--expires", "2026-12-31"]).unwrap();
+        let Command::Grants(GrantsCommand::Approve { id, items, expires }) = cli.command else { panic!() };
+        assert_eq!((id.as_str(), items.len(), expires.as_deref()), ("G00000001", 1, Some("2026-12-31")));
+        let cli = parse(&["grants", "approve", "G00000001"]).unwrap();
+        assert!(matches!(cli.command, Command::Grants(GrantsCommand::Approve { ref items, expires: None, .. }) if items.is_empty()));
+
+        assert!(parse(&["grants", "reject", "G00000001"]).is_err(), "--reason is required");
+        assert!(parse(&["grants", "revoke", "G00000001", "--reason", "协议到期"]).is_ok());
+    }
+
+    #[test]
+    fn audit_commands() {
+        assert!(matches!(parse(&["audit", "verify"]).unwrap().command, Command::Audit(AuditCommand::Verify)));
+        let cli = parse(&["audit", "query", "--since", "2h", "--peer", "commerce", "--result", "PERMISSION_DENIED", "--limit", "20"]).unwrap();
+        let Command::Audit(AuditCommand::Query(q)) = cli.command else { panic!() };
+        assert_eq!(q.since.as_deref(), Some("2h"));
+        assert_eq!(q.limit, Some(20));
+        assert!(parse(&["audit", "query", "--limit", "0"]).is_err());
+        assert!(parse(&["audit", "query", "--limit", "10001"]).is_err());
     }
 }

@@ -5,11 +5,14 @@
 //! - [`args`]: the clap definitions (commands, flags, environment variables).
 //! - [`output`]: JSON views and the human text made from them.
 //! - [`table`]: aligned columns that measure CJK text by display width.
-//! - `pki_cmd`, `catalog_cmd`, `nodes_cmd`: the commands.
+//! - `pki_cmd`, `catalog_cmd`, `nodes_cmd`, `records_cmd`, `grants_cmd`, `audit_cmd`: the commands.
 
 pub mod args;
+mod audit_cmd;
 mod catalog_cmd;
+mod grants_cmd;
 mod nodes_cmd;
+mod records_cmd;
 pub mod output;
 mod pki_cmd;
 pub mod table;
@@ -30,6 +33,7 @@ use crate::catalog::CatalogError;
 use crate::client::{self, BatchPublishError};
 use crate::error::{ClientError, FieldViolation};
 use crate::pki::PkiError;
+use crate::records::ExchangeClient;
 use crate::tls::{TlsIdentity, TlsPaths};
 
 /// Why a command failed. Every variant's text is complete on its own: the binary prints it as is.
@@ -50,6 +54,9 @@ pub enum CliError {
     /// The command line is usable by clap but not by us (missing certificate options, bad filter word).
     #[error("{0}")]
     Usage(String),
+    /// `audit verify` found the trail tampered with; the command has printed the verification already.
+    #[error("the audit trail is NOT intact: {problem} (first entry concerned: seq {seq})")]
+    AuditTampered { problem: String, seq: u64 },
 }
 
 fn publish_error_text(error: &BatchPublishError, codes: &[String]) -> String {
@@ -76,8 +83,19 @@ fn publish_error_text(error: &BatchPublishError, codes: &[String]) -> String {
 /// Adds the resource code to a violation that points at an entry (`entries[3].name` →
 /// `entries[3] (101001/000004).name`), so the operator can find the entry in the file.
 fn annotate_field(field: &str, codes: &[String]) -> String {
-    match (client::violation_entry_index(field).and_then(|i| codes.get(i)), field.split_once(']')) {
-        (Some(code), Some((head, tail))) => format!("{head}] ({code}){tail}"),
+    annotate_indexed(field, "entries", codes)
+}
+
+/// Adds `labels[i]` after `list[i]` at the start of a violation's field (`records[3].items[住所]` →
+/// `records[3] (91350100M000100Y43).items[住所]`).
+pub(crate) fn annotate_indexed(field: &str, list: &str, labels: &[String]) -> String {
+    let index = field
+        .strip_prefix(list)
+        .and_then(|rest| rest.strip_prefix('['))
+        .and_then(|rest| rest.split_once(']'))
+        .and_then(|(n, _)| n.parse::<usize>().ok());
+    match (index.and_then(|i| labels.get(i)), field.split_once(']')) {
+        (Some(label), Some((head, tail))) if !label.is_empty() => format!("{head}] ({label}){tail}"),
         _ => field.to_string(),
     }
 }
@@ -88,6 +106,7 @@ impl CliError {
     pub fn exit_code(&self) -> u8 {
         match self {
             CliError::Usage(_) => 2,
+            CliError::AuditTampered { .. } => 1,
             CliError::Client(e) if e.code() == tonic::Code::Unavailable => EXIT_UNREACHABLE,
             CliError::Publish { error, .. } if error.error.code() == tonic::Code::Unavailable => EXIT_UNREACHABLE,
             _ => 1,
@@ -112,10 +131,14 @@ impl CliError {
             CliError::Catalog(_) => ("CatalogFile".into(), vec![], None),
             CliError::File { .. } => ("File".into(), vec![], None),
             CliError::Usage(_) => ("Usage".into(), vec![], None),
+            CliError::AuditTampered { .. } => ("AuditTampered".into(), vec![], None),
         };
         let violations: Vec<Violation> =
             violations.iter().map(|(f, d)| Violation { field: f, description: d }).collect();
         let mut error = serde_json::json!({ "code": kind, "message": self.to_string() });
+        if let CliError::Client(ClientError::ResourceExhausted { retry_after: Some(d), .. }) = self {
+            error["retry_after_ms"] = (d.as_millis() as u64).into();
+        }
         if !violations.is_empty() {
             error["violations"] = serde_json::to_value(violations).expect("serializes");
         }
@@ -159,10 +182,20 @@ impl Ctx {
         client::node_client(addr, &self.identity()?).map_err(|e| CliError::Client(e.into()))
     }
 
+    /// The SDK client: `--node` for records and audit, `--directory` for grants, `--timeout` per call.
+    pub fn exchange(&self) -> Result<ExchangeClient, CliError> {
+        let client = ExchangeClient::connect(self.global.node_addr(), Some(&self.global.directory), &self.identity()?)?;
+        Ok(client.with_timeout(self.timeout()))
+    }
+
+    fn timeout(&self) -> Duration {
+        Duration::from_secs(self.global.timeout.max(1))
+    }
+
     /// A unary request with the `--timeout` deadline.
     pub fn request<T>(&self, message: T) -> tonic::Request<T> {
         let mut req = tonic::Request::new(message);
-        req.set_timeout(Duration::from_secs(self.global.timeout.max(1)));
+        req.set_timeout(self.timeout());
         req
     }
 }
@@ -199,21 +232,26 @@ pub fn resolve_tls_paths(g: &GlobalOpts) -> Result<TlsPaths, CliError> {
 pub async fn run(cli: Cli) -> Result<(), CliError> {
     crate::tls::install_crypto_provider();
     let ctx = Ctx { out: Printer { json: cli.global.json }, global: cli.global };
+    // catalog publish/withdraw go through a node only when one is named (--node or EXCHANGE_NODE).
+    let via_node = ctx.global.node.clone();
     match cli.command {
         Command::Pki(cmd) => pki_cmd::run(&ctx, cmd).await,
         Command::Catalog(cmd) => match cmd {
             CatalogCommand::Search(args) => catalog_cmd::search(&ctx, args).await,
             CatalogCommand::Get { code, include_withdrawn } => catalog_cmd::get(&ctx, code, include_withdrawn).await,
             CatalogCommand::Resolve { code } => catalog_cmd::resolve(&ctx, code).await,
-            CatalogCommand::Publish { file, node, dry_run } => {
-                catalog_cmd::publish(&ctx, &file, node.as_deref(), dry_run).await
+            CatalogCommand::Publish { file, dry_run } => {
+                catalog_cmd::publish(&ctx, &file, via_node.as_deref(), dry_run).await
             }
-            CatalogCommand::Withdraw { codes, node } => catalog_cmd::withdraw(&ctx, codes, node.as_deref()).await,
+            CatalogCommand::Withdraw { codes } => catalog_cmd::withdraw(&ctx, codes, via_node.as_deref()).await,
             CatalogCommand::Watch { from } => catalog_cmd::watch(&ctx, from).await,
         },
         Command::Nodes { dept } => nodes_cmd::nodes(&ctx, dept).await,
-        Command::NodeStatus { node } => nodes_cmd::node_status(&ctx, &node).await,
+        Command::NodeStatus => nodes_cmd::node_status(&ctx, ctx.global.node_addr()).await,
         Command::Whoami => nodes_cmd::whoami(&ctx).await,
+        Command::Records(cmd) => records_cmd::run(&ctx, cmd).await,
+        Command::Grants(cmd) => grants_cmd::run(&ctx, cmd).await,
+        Command::Audit(cmd) => audit_cmd::run(&ctx, cmd).await,
     }
 }
 
@@ -221,9 +259,9 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
 pub const EXIT_UNREACHABLE: u8 = 3;
 
 /// Prints a failed command's error: always as text on stderr, and with `--json` also as a JSON document
-/// on stdout. Returns the exit status.
+/// on stdout (unless the command printed its result document already). Returns the exit status.
 pub fn report_error(error: &CliError, json: bool) -> u8 {
-    if json {
+    if json && !matches!(error, CliError::AuditTampered { .. }) {
         println!("{}", serde_json::to_string_pretty(&error.to_json()).expect("serializes"));
     }
     eprintln!("error: {error}");
@@ -286,6 +324,37 @@ mod tests {
         assert_eq!(json["error"]["violations"][0]["field"], "entries[1] (302001/000001).share_condition");
         assert_eq!(json["error"]["accepted_entries"], 0);
         assert_eq!(err.exit_code(), 1);
+    }
+
+    #[test]
+    fn put_violations_name_the_record_key() {
+        let keys = vec!["91350100M000100Y43".to_string(), String::new()];
+        assert_eq!(
+            annotate_indexed("records[0].items[注册资本]", "records", &keys),
+            "records[0] (91350100M000100Y43).items[注册资本]"
+        );
+        assert_eq!(annotate_indexed("records[1].key", "records", &keys), "records[1].key", "no empty label");
+        assert_eq!(annotate_indexed("records[7].key", "records", &keys), "records[7].key");
+        assert_eq!(annotate_indexed("resource_code", "records", &keys), "resource_code");
+        assert_eq!(annotate_indexed("entries[0].name", "records", &keys), "entries[0].name");
+    }
+
+    #[test]
+    fn rate_limits_carry_the_retry_delay_in_json() {
+        let err = CliError::Client(ClientError::ResourceExhausted {
+            message: "quota".into(),
+            retry_after: Some(Duration::from_millis(2500)),
+        });
+        assert_eq!(err.to_json()["error"]["retry_after_ms"], 2500);
+        assert!(err.to_string().contains("retry after 2.5s"), "{err}");
+        assert_eq!(err.exit_code(), 1);
+    }
+
+    #[test]
+    fn tampered_audit_exits_1() {
+        let err = CliError::AuditTampered { problem: "hash chain broken".into(), seq: 42 };
+        assert_eq!(err.exit_code(), 1);
+        assert!(err.to_string().contains("seq 42"), "{err}");
     }
 
     #[test]

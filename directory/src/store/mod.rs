@@ -1,8 +1,8 @@
 //! Storage traits of the directory and the types they share.
 //!
-//! The service only ever sees `Arc<dyn CatalogStore>`, `Arc<dyn NodeStore>` and `Arc<dyn RevocationStore>`,
-//! so a backend is a module implementing these three traits ([`sled`] is the default; PostgreSQL comes
-//! later). The traits are written so that any transactional backend can honour them:
+//! The service only ever sees `Arc<dyn CatalogStore>`, `Arc<dyn NodeStore>`, `Arc<dyn RevocationStore>` and
+//! `Arc<dyn GrantStore>`, so a backend is a module implementing these four traits ([`sled`] is the default;
+//! PostgreSQL comes later). The traits are written so that any transactional backend can honour them:
 //!
 //! - **The store assigns catalog versions.** A version is a catalog-wide counter: every upsert or withdrawal
 //!   of one entry takes the next number, consecutively, in batch order. The entry, its change-log record and
@@ -14,11 +14,14 @@
 //! - **The change log keeps the entry as it was after each change** (not a pointer to the current entry), so
 //!   replaying it from any version gives exactly what a live watcher saw.
 //! - Node heartbeats need not be durable: losing the last few after a crash only shortens a lease.
+//! - **Revocations and grants have change logs of their own**, with the same rules as the catalog's: the
+//!   store assigns their versions (1, 2, 3, ... without gaps), a record and its log entry are written in one
+//!   atomic, durable step, and `changes_since` never returns a version that is not yet durable.
 
 pub mod sled;
 
 use async_trait::async_trait;
-use exchange_proto::v1::{CatalogChange, CatalogEntry, NodeInfo, NodeStatus, Revocation};
+use exchange_proto::v1::{CatalogChange, CatalogEntry, Grant, GrantChange, NodeInfo, NodeStatus, Revocation};
 
 /// A storage backend failed. Mapped to `INTERNAL` by [`crate::error::DirectoryError`]; the text is for logs.
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +36,10 @@ pub enum StoreError {
     /// or a concurrent writer outside the service's write lock.
     #[error("no catalog entry {0}")]
     MissingEntry(String),
+    /// An update named a grant the store does not hold, or tried to change what a grant is about (its
+    /// resource, consumer or provider). The service checks first, so this means a bug.
+    #[error("grant {0}: {1}")]
+    BadGrantUpdate(String, String),
 }
 
 /// Catalog entries, their versions and the change log.
@@ -77,6 +84,8 @@ pub struct NodeRecord {
     pub registered_at_unix_ms: i64,
     pub last_heartbeat_unix_ms: i64,
     pub lease_expires_unix_ms: i64,
+    /// The node's audit seal key (Ed25519 public key, 64 lower-case hex characters), or empty.
+    pub audit_verifying_key_hex: String,
 }
 
 impl NodeRecord {
@@ -101,7 +110,7 @@ impl NodeRecord {
             last_heartbeat_unix_ms: self.last_heartbeat_unix_ms,
             lease_expires_unix_ms: self.lease_expires_unix_ms,
             software_version: self.software_version.clone(),
-            audit_verifying_key_hex: String::new(),
+            audit_verifying_key_hex: self.audit_verifying_key_hex.clone(),
         }
     }
 }
@@ -126,21 +135,83 @@ pub trait NodeStore: Send + Sync {
     async fn list(&self, department: Option<&str>) -> Result<Vec<NodeRecord>, StoreError>;
 }
 
-/// Revoked certificate serials.
+/// Revoked certificate serials and the revocation log.
 #[async_trait]
 pub trait RevocationStore: Send + Sync {
     /// Records a revocation keyed by `serial_hex`. If the serial is already revoked, the first record is
-    /// kept and returned; otherwise `revocation` is stored and returned. Durable when it returns.
+    /// kept and returned and no version is taken; otherwise `revocation` gets the next revocation version
+    /// (consecutive from 1, whatever `revocation.version` said) and is stored with its log entry in one
+    /// atomic step. Durable when it returns.
     async fn revoke(&self, revocation: Revocation) -> Result<Revocation, StoreError>;
 
-    /// Every revocation, ordered by serial.
+    /// Every revocation (with its version), ordered by serial.
     async fn list(&self) -> Result<Vec<Revocation>, StoreError>;
+
+    /// Up to `limit` revocations with version `> after_version`, in version order, without gaps.
+    async fn changes_since(&self, after_version: u64, limit: usize) -> Result<Vec<Revocation>, StoreError>;
+
+    /// The version of the latest revocation (0 when there is none).
+    async fn current_version(&self) -> Result<u64, StoreError>;
 }
 
-/// The three stores a directory runs on.
+/// Formats grant sequence number `seq` as a grant id: `G` + at least 8 digits (`G00000001`).
+pub fn grant_id(seq: u64) -> String {
+    format!("G{seq:08}")
+}
+
+/// The sequence number of a well-formed grant id (the exact form [`grant_id`] produces), else `None`.
+pub fn parse_grant_id(id: &str) -> Option<u64> {
+    let digits = id.strip_prefix('G')?;
+    if digits.len() < 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let seq: u64 = digits.parse().ok()?;
+    (seq > 0 && grant_id(seq) == id).then_some(seq)
+}
+
+/// Grants (access of a consumer department to a provider's conditional resource) and their change log.
+///
+/// - **The store assigns grant ids and versions.** Ids come from a sequence of their own (`G00000001`,
+///   `G00000002`, ...; see [`grant_id`]); every insert or update of one grant takes the next grant version,
+///   consecutively, in call order. Both counters survive restarts.
+/// - A write (the grants, their change-log records and the counters) is **one atomic step, durable when the
+///   call returns**; `changes_since` never returns a version that is not durable yet.
+/// - **The change log keeps the grant as it was after each change** (with `version` set to that change's
+///   version), so replaying it from any version gives exactly what a live watcher saw.
+/// - The stored status is the one last written: `EXPIRED` is never stored (it is computed when read).
+#[async_trait]
+pub trait GrantStore: Send + Sync {
+    /// Stores a new grant: sets `grant_id` to the next id and `version` to the next version (whatever they
+    /// said) and returns the stored grant. Atomic and durable when it returns.
+    async fn insert(&self, grant: Grant) -> Result<Grant, StoreError>;
+
+    /// Replaces existing grants (by `grant_id`); each gets the next version, in order. Resource, consumer
+    /// and provider of a grant never change. If any grant is unknown or changes those, nothing is written
+    /// ([`StoreError::BadGrantUpdate`]). Returns the stored grants in the same order. Atomic and durable
+    /// when it returns.
+    async fn update(&self, grants: Vec<Grant>) -> Result<Vec<Grant>, StoreError>;
+
+    /// The grant with this id.
+    async fn get(&self, grant_id: &str) -> Result<Option<Grant>, StoreError>;
+
+    /// Every grant of `consumer_code` for `resource_code`, oldest request first.
+    async fn for_consumer(&self, consumer_code: &str, resource_code: &str) -> Result<Vec<Grant>, StoreError>;
+
+    /// Every grant, or those where `department` is provider or consumer; newest request first.
+    async fn list(&self, department: Option<&str>) -> Result<Vec<Grant>, StoreError>;
+
+    /// Up to `limit` changes with version `> after_version`, in version order, without gaps.
+    async fn changes_since(&self, after_version: u64, limit: usize) -> Result<Vec<GrantChange>, StoreError>;
+
+    /// The version of the latest change (0 when there is none).
+    async fn current_version(&self) -> Result<u64, StoreError>;
+}
+
+/// The stores a directory runs on.
 #[derive(Clone)]
 pub struct Stores {
     pub catalog: std::sync::Arc<dyn CatalogStore>,
     pub nodes: std::sync::Arc<dyn NodeStore>,
     pub revocations: std::sync::Arc<dyn RevocationStore>,
+    pub grants: std::sync::Arc<dyn GrantStore>,
 }

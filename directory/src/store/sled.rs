@@ -10,14 +10,25 @@
 //! | `catalog`     | `m/version`                           | latest version, 8 bytes big-endian      |
 //! | `catalog`     | `m/schema`                            | layout version, 8 bytes big-endian      |
 //! | `nodes`       | `<department> NUL <node name>`        | `NodeInfo` (status not stored)          |
-//! | `revocations` | `<serial hex>`                        | `Revocation`                            |
+//! | `revocations` | `s/<serial hex>`                      | `Revocation` (with its version)         |
+//! | `revocations` | `c/<version, 8 bytes big-endian>`     | `Revocation`                            |
+//! | `revocations` | `m/version`, `m/schema`               | as in `catalog`                         |
+//! | `grants`      | `g/<sequence, 8 bytes big-endian>`    | `Grant` (current state)                 |
+//! | `grants`      | `c/<version, 8 bytes big-endian>`     | `GrantChange` (grant after the change)  |
+//! | `grants`      | `i/<consumer> NUL <resource> NUL <sequence, 8 bytes>` | empty: the (consumer, resource) index |
+//! | `grants`      | `m/version`, `m/seq`, `m/schema`      | latest version, last grant sequence, layout |
 //!
-//! Entries, change records and the version counter of one batch live in one tree so a single
-//! `apply_batch` writes them atomically; big-endian version keys make the change log scan in version order.
+//! Records, change records and the counters of one write live in one tree so a single `apply_batch` writes
+//! them atomically; big-endian version keys make a change log scan in version order, and big-endian grant
+//! sequence keys keep grants in request order however many digits the ids grow to.
 //!
-//! Durability: sled flushes in the background every 500 ms; catalog writes, registrations and revocations
-//! `flush_async().await` before returning. Readers of the change log never see past the last *flushed*
-//! version, so a watcher cannot observe a change that a crash would then lose and a later change reuse.
+//! Revocations from before the revocation log (stored under the bare serial, without a version) are given
+//! versions in serial order and moved under `s/` when the store opens, in one batch.
+//!
+//! Durability: sled flushes in the background every 500 ms; catalog writes, registrations, revocations and
+//! grant writes `flush_async().await` before returning. Readers of a change log never see past the last
+//! *flushed* version, so a watcher cannot observe a change that a crash would then lose and a later change
+//! reuse.
 
 use std::ops::Bound;
 use std::path::Path;
@@ -25,14 +36,20 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use exchange_proto::v1::{CatalogChange, CatalogEntry, ChangeKind, NodeInfo, Revocation};
+use exchange_proto::v1::{CatalogChange, CatalogEntry, ChangeKind, Grant, GrantChange, NodeInfo, Revocation};
 use prost::Message;
 
-use super::{CatalogStore, NodeRecord, NodeStore, RevocationStore, StoreError, Stores};
+use super::{
+    grant_id, parse_grant_id, CatalogStore, GrantStore, NodeRecord, NodeStore, RevocationStore, StoreError, Stores,
+};
 
 const ENTRY_PREFIX: &[u8] = b"e/";
 const CHANGE_PREFIX: &[u8] = b"c/";
+const SERIAL_PREFIX: &[u8] = b"s/";
+const GRANT_PREFIX: &[u8] = b"g/";
+const PAIR_PREFIX: &[u8] = b"i/";
 const VERSION_KEY: &[u8] = b"m/version";
+const SEQ_KEY: &[u8] = b"m/seq";
 const SCHEMA_KEY: &[u8] = b"m/schema";
 const SCHEMA_VERSION: u64 = 1;
 
@@ -46,6 +63,23 @@ fn entry_key(code: &str) -> Vec<u8> {
 
 fn change_key(version: u64) -> Vec<u8> {
     [CHANGE_PREFIX, &version.to_be_bytes()[..]].concat()
+}
+
+fn serial_key(serial_hex: &str) -> Vec<u8> {
+    [SERIAL_PREFIX, serial_hex.as_bytes()].concat()
+}
+
+fn grant_key(seq: u64) -> Vec<u8> {
+    [GRANT_PREFIX, &seq.to_be_bytes()[..]].concat()
+}
+
+fn pair_prefix(consumer_code: &str, resource_code: &str) -> Vec<u8> {
+    // Department codes are [a-z0-9-] and resource codes digits and '/': NUL ends each.
+    [PAIR_PREFIX, consumer_code.as_bytes(), b"\0", resource_code.as_bytes(), b"\0"].concat()
+}
+
+fn pair_key(consumer_code: &str, resource_code: &str, seq: u64) -> Vec<u8> {
+    [pair_prefix(consumer_code, resource_code), seq.to_be_bytes().to_vec()].concat()
 }
 
 fn node_key(department: &str, node_name: &str) -> Vec<u8> {
@@ -73,8 +107,78 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f).await.map_err(|e| StoreError::Backend(format!("storage task failed: {e}")))?
 }
 
-/// Opens (or creates) the sled database in `dir` and returns the three stores over it. Fails if another
-/// process holds the database (sled locks it).
+/// Checks (or, in a new tree, writes) the layout version of `tree`.
+fn check_schema(tree: &sled::Tree, name: &str) -> Result<(), StoreError> {
+    match tree.get(SCHEMA_KEY).map_err(backend)? {
+        Some(v) => {
+            let schema = read_u64(SCHEMA_KEY, &v)?;
+            if schema != SCHEMA_VERSION {
+                return Err(StoreError::Corrupt {
+                    key: format!("{name}/m/schema"),
+                    reason: format!("data directory has layout version {schema}, this build reads {SCHEMA_VERSION}"),
+                });
+            }
+        }
+        None => {
+            tree.insert(SCHEMA_KEY, &SCHEMA_VERSION.to_be_bytes()[..]).map_err(backend)?;
+        }
+    }
+    Ok(())
+}
+
+/// The version counter of the change log in `tree`, checked against the log's last record (they are
+/// written in one batch, so a mismatch means a damaged directory).
+fn log_head(tree: &sled::Tree, name: &str) -> Result<u64, StoreError> {
+    let version = match tree.get(VERSION_KEY).map_err(backend)? {
+        Some(v) => read_u64(VERSION_KEY, &v)?,
+        None => 0,
+    };
+    let last_change = last_u64_key(tree, CHANGE_PREFIX)?;
+    if last_change != version {
+        return Err(StoreError::Corrupt {
+            key: format!("{name}/m/version"),
+            reason: format!("version counter is {version} but the change log ends at {last_change}"),
+        });
+    }
+    Ok(version)
+}
+
+/// The number in the last `<prefix><8 bytes big-endian>` key of `tree` (0 when there is none).
+fn last_u64_key(tree: &sled::Tree, prefix: &[u8]) -> Result<u64, StoreError> {
+    tree.scan_prefix(prefix)
+        .next_back()
+        .transpose()
+        .map_err(backend)?
+        .map(|(k, _)| read_u64(&k, &k[prefix.len()..]))
+        .transpose()
+        .map(Option::unwrap_or_default)
+}
+
+/// Up to `limit` change records of `tree` with version in `after_version + 1 ..= durable`.
+async fn read_log<M: Message + Default + Send + 'static>(
+    tree: &sled::Tree,
+    durable: u64,
+    after_version: u64,
+    limit: usize,
+) -> Result<Vec<M>, StoreError> {
+    if after_version >= durable || limit == 0 {
+        return Ok(Vec::new());
+    }
+    let tree = tree.clone();
+    blocking(move || {
+        tree.range(change_key(after_version + 1)..=change_key(durable))
+            .take(limit)
+            .map(|kv| {
+                let (k, v) = kv.map_err(backend)?;
+                decode::<M>(&k, &v)
+            })
+            .collect()
+    })
+    .await
+}
+
+/// Opens (or creates) the sled database in `dir` and returns the stores over it. Fails if another process
+/// holds the database (sled locks it).
 pub fn open(dir: &Path) -> Result<Stores, StoreError> {
     std::fs::create_dir_all(dir).map_err(|e| StoreError::Backend(format!("{}: {e}", dir.display())))?;
     let db = sled::Config::new()
@@ -83,8 +187,14 @@ pub fn open(dir: &Path) -> Result<Stores, StoreError> {
         .map_err(|e| StoreError::Backend(format!("cannot open sled database in {}: {e}", dir.display())))?;
     let catalog = SledCatalogStore::open(&db)?;
     let nodes = SledNodeStore { tree: db.open_tree("nodes").map_err(backend)? };
-    let revocations = SledRevocationStore { tree: db.open_tree("revocations").map_err(backend)? };
-    Ok(Stores { catalog: Arc::new(catalog), nodes: Arc::new(nodes), revocations: Arc::new(revocations) })
+    let revocations = SledRevocationStore::open(&db)?;
+    let grants = SledGrantStore::open(&db)?;
+    Ok(Stores {
+        catalog: Arc::new(catalog),
+        nodes: Arc::new(nodes),
+        revocations: Arc::new(revocations),
+        grants: Arc::new(grants),
+    })
 }
 
 /// Catalog entries and change log in the `catalog` tree.
@@ -99,41 +209,8 @@ pub struct SledCatalogStore {
 impl SledCatalogStore {
     fn open(db: &sled::Db) -> Result<Self, StoreError> {
         let tree = db.open_tree("catalog").map_err(backend)?;
-        match tree.get(SCHEMA_KEY).map_err(backend)? {
-            Some(v) => {
-                let schema = read_u64(SCHEMA_KEY, &v)?;
-                if schema != SCHEMA_VERSION {
-                    return Err(StoreError::Corrupt {
-                        key: "m/schema".into(),
-                        reason: format!(
-                            "data directory has layout version {schema}, this build reads {SCHEMA_VERSION}"
-                        ),
-                    });
-                }
-            }
-            None => {
-                tree.insert(SCHEMA_KEY, &SCHEMA_VERSION.to_be_bytes()[..]).map_err(backend)?;
-            }
-        }
-        let version = match tree.get(VERSION_KEY).map_err(backend)? {
-            Some(v) => read_u64(VERSION_KEY, &v)?,
-            None => 0,
-        };
-        // The counter and the change log are written in one batch; a mismatch means a damaged directory.
-        let last_change = tree
-            .scan_prefix(CHANGE_PREFIX)
-            .next_back()
-            .transpose()
-            .map_err(backend)?
-            .map(|(k, _)| read_u64(&k, &k[CHANGE_PREFIX.len()..]))
-            .transpose()?
-            .unwrap_or(0);
-        if last_change != version {
-            return Err(StoreError::Corrupt {
-                key: "m/version".into(),
-                reason: format!("version counter is {version} but the change log ends at {last_change}"),
-            });
-        }
+        check_schema(&tree, "catalog")?;
+        let version = log_head(&tree, "catalog")?;
         Ok(SledCatalogStore { tree, write_lock: tokio::sync::Mutex::new(version), durable: AtomicU64::new(version) })
     }
 
@@ -224,21 +301,7 @@ impl CatalogStore for SledCatalogStore {
     }
 
     async fn changes_since(&self, after_version: u64, limit: usize) -> Result<Vec<CatalogChange>, StoreError> {
-        let durable = self.durable.load(Ordering::Acquire);
-        if after_version >= durable || limit == 0 {
-            return Ok(Vec::new());
-        }
-        let tree = self.tree.clone();
-        blocking(move || {
-            tree.range(change_key(after_version + 1)..=change_key(durable))
-                .take(limit)
-                .map(|kv| {
-                    let (k, v) = kv.map_err(backend)?;
-                    decode::<CatalogChange>(&k, &v)
-                })
-                .collect()
-        })
-        .await
+        read_log(&self.tree, self.durable.load(Ordering::Acquire), after_version, limit).await
     }
 
     async fn current_version(&self) -> Result<u64, StoreError> {
@@ -297,6 +360,7 @@ fn node_from_bytes(key: &[u8], bytes: &[u8]) -> Result<NodeRecord, StoreError> {
         registered_at_unix_ms: info.registered_at_unix_ms,
         last_heartbeat_unix_ms: info.last_heartbeat_unix_ms,
         lease_expires_unix_ms: info.lease_expires_unix_ms,
+        audit_verifying_key_hex: info.audit_verifying_key_hex,
     })
 }
 
@@ -356,34 +420,91 @@ impl NodeStore for SledNodeStore {
     }
 }
 
-/// Revoked serials in the `revocations` tree.
+/// Revoked serials and the revocation log in the `revocations` tree.
 pub struct SledRevocationStore {
     tree: sled::Tree,
+    /// Serialises writers and holds the last version handed out (applied, maybe not yet flushed).
+    write_lock: tokio::sync::Mutex<u64>,
+    /// The last version known to be on disk: the upper bound of what readers of the log see.
+    durable: AtomicU64,
+}
+
+impl SledRevocationStore {
+    fn open(db: &sled::Db) -> Result<Self, StoreError> {
+        let tree = db.open_tree("revocations").map_err(backend)?;
+        check_schema(&tree, "revocations")?;
+        let version = Self::migrate_unversioned(&tree, log_head(&tree, "revocations")?)?;
+        Ok(SledRevocationStore {
+            tree,
+            write_lock: tokio::sync::Mutex::new(version),
+            durable: AtomicU64::new(version),
+        })
+    }
+
+    /// Revocations stored before the log existed sit under the bare serial (hex, so never a `/` in the key)
+    /// without a version. Gives them versions after `version`, in serial order, and moves them under `s/`,
+    /// in one batch; returns the new head version.
+    fn migrate_unversioned(tree: &sled::Tree, mut version: u64) -> Result<u64, StoreError> {
+        let mut batch = sled::Batch::default();
+        let (mut legacy, mut moved) = (0usize, 0usize);
+        for kv in tree.iter() {
+            let (k, v) = kv.map_err(backend)?;
+            if k.contains(&b'/') {
+                continue;
+            }
+            legacy += 1;
+            let mut revocation: Revocation = decode(&k, &v)?;
+            batch.remove(k);
+            let key = serial_key(&revocation.serial_hex);
+            if tree.get(&key).map_err(backend)?.is_some() {
+                continue; // already in the log: drop the stale copy
+            }
+            version += 1;
+            revocation.version = version;
+            batch.insert(key, revocation.encode_to_vec());
+            batch.insert(change_key(version), revocation.encode_to_vec());
+            moved += 1;
+        }
+        if legacy == 0 {
+            return Ok(version);
+        }
+        batch.insert(VERSION_KEY, &version.to_be_bytes()[..]);
+        tree.apply_batch(batch).map_err(backend)?;
+        tree.flush().map_err(backend)?;
+        tracing::info!(revocations = moved, version, "gave versions to revocations stored before the log");
+        Ok(version)
+    }
 }
 
 #[async_trait]
 impl RevocationStore for SledRevocationStore {
-    async fn revoke(&self, revocation: Revocation) -> Result<Revocation, StoreError> {
-        let key = revocation.serial_hex.as_bytes().to_vec();
-        let stored = match self
-            .tree
-            .compare_and_swap(&key, None as Option<&[u8]>, Some(revocation.encode_to_vec()))
-            .map_err(backend)?
-        {
-            Ok(()) => revocation,
-            Err(existing) => match existing.current {
-                Some(bytes) => decode(&key, &bytes)?,
-                None => revocation,
-            },
+    async fn revoke(&self, mut revocation: Revocation) -> Result<Revocation, StoreError> {
+        let mut last = self.write_lock.lock().await;
+        let key = serial_key(&revocation.serial_hex);
+        let stored = match self.tree.get(&key).map_err(backend)? {
+            Some(bytes) => decode(&key, &bytes)?,
+            None => {
+                let version = *last + 1;
+                revocation.version = version;
+                let mut batch = sled::Batch::default();
+                batch.insert(key, revocation.encode_to_vec());
+                batch.insert(change_key(version), revocation.encode_to_vec());
+                batch.insert(VERSION_KEY, &version.to_be_bytes()[..]);
+                self.tree.apply_batch(batch).map_err(backend)?;
+                *last = version;
+                revocation
+            }
         };
+        // Flush in both cases: a repeated revoke also confirms that the first one is on disk.
         self.tree.flush_async().await.map_err(backend)?;
+        self.durable.store(*last, Ordering::Release);
         Ok(stored)
     }
 
     async fn list(&self) -> Result<Vec<Revocation>, StoreError> {
         let tree = self.tree.clone();
         blocking(move || {
-            tree.iter()
+            tree.scan_prefix(SERIAL_PREFIX)
                 .map(|kv| {
                     let (k, v) = kv.map_err(backend)?;
                     decode(&k, &v)
@@ -391,6 +512,181 @@ impl RevocationStore for SledRevocationStore {
                 .collect()
         })
         .await
+    }
+
+    async fn changes_since(&self, after_version: u64, limit: usize) -> Result<Vec<Revocation>, StoreError> {
+        read_log(&self.tree, self.durable.load(Ordering::Acquire), after_version, limit).await
+    }
+
+    async fn current_version(&self) -> Result<u64, StoreError> {
+        Ok(self.durable.load(Ordering::Acquire))
+    }
+}
+
+/// The counters a grant write advances.
+struct GrantCounters {
+    /// Last version handed out (applied, maybe not yet flushed).
+    version: u64,
+    /// Last grant sequence number handed out.
+    seq: u64,
+}
+
+/// Grants, their (consumer, resource) index and change log in the `grants` tree.
+pub struct SledGrantStore {
+    tree: sled::Tree,
+    /// Serialises writers.
+    write_lock: tokio::sync::Mutex<GrantCounters>,
+    /// The last version known to be on disk: the upper bound of what readers of the change log see.
+    durable: AtomicU64,
+}
+
+impl SledGrantStore {
+    fn open(db: &sled::Db) -> Result<Self, StoreError> {
+        let tree = db.open_tree("grants").map_err(backend)?;
+        check_schema(&tree, "grants")?;
+        let version = log_head(&tree, "grants")?;
+        let seq = match tree.get(SEQ_KEY).map_err(backend)? {
+            Some(v) => read_u64(SEQ_KEY, &v)?,
+            None => 0,
+        };
+        let last_grant = last_u64_key(&tree, GRANT_PREFIX)?;
+        if last_grant != seq {
+            return Err(StoreError::Corrupt {
+                key: "grants/m/seq".into(),
+                reason: format!("grant sequence is {seq} but the last grant is number {last_grant}"),
+            });
+        }
+        Ok(SledGrantStore {
+            tree,
+            write_lock: tokio::sync::Mutex::new(GrantCounters { version, seq }),
+            durable: AtomicU64::new(version),
+        })
+    }
+
+    fn get_sync(tree: &sled::Tree, seq: u64) -> Result<Option<Grant>, StoreError> {
+        let key = grant_key(seq);
+        tree.get(&key).map_err(backend)?.map(|v| decode(&key, &v)).transpose()
+    }
+
+    /// Adds the counters to `batch`, applies it and flushes. Called with the write lock held.
+    async fn commit(
+        &self,
+        counters: &mut GrantCounters,
+        mut batch: sled::Batch,
+        version: u64,
+        seq: u64,
+    ) -> Result<(), StoreError> {
+        batch.insert(VERSION_KEY, &version.to_be_bytes()[..]);
+        batch.insert(SEQ_KEY, &seq.to_be_bytes()[..]);
+        let tree = self.tree.clone();
+        blocking(move || tree.apply_batch(batch).map_err(backend)).await?;
+        // Applied: these numbers are taken whether or not the flush below succeeds.
+        counters.version = version;
+        counters.seq = seq;
+        self.tree.flush_async().await.map_err(backend)?;
+        self.durable.store(version, Ordering::Release);
+        Ok(())
+    }
+}
+
+fn grant_change(grant: &Grant) -> Vec<u8> {
+    GrantChange { version: grant.version, grant: Some(grant.clone()) }.encode_to_vec()
+}
+
+#[async_trait]
+impl GrantStore for SledGrantStore {
+    async fn insert(&self, mut grant: Grant) -> Result<Grant, StoreError> {
+        let mut counters = self.write_lock.lock().await;
+        let (version, seq) = (counters.version + 1, counters.seq + 1);
+        grant.grant_id = grant_id(seq);
+        grant.version = version;
+        let mut batch = sled::Batch::default();
+        batch.insert(grant_key(seq), grant.encode_to_vec());
+        batch.insert(pair_key(&grant.consumer_code, &grant.resource_code, seq), &[][..]);
+        batch.insert(change_key(version), grant_change(&grant));
+        self.commit(&mut counters, batch, version, seq).await?;
+        Ok(grant)
+    }
+
+    async fn update(&self, grants: Vec<Grant>) -> Result<Vec<Grant>, StoreError> {
+        let mut counters = self.write_lock.lock().await;
+        let mut version = counters.version;
+        let mut batch = sled::Batch::default();
+        let mut stored = Vec::with_capacity(grants.len());
+        for mut grant in grants {
+            let bad = |why: &str| StoreError::BadGrantUpdate(grant.grant_id.clone(), why.to_string());
+            let seq = parse_grant_id(&grant.grant_id).ok_or_else(|| bad("not a grant id"))?;
+            let old = Self::get_sync(&self.tree, seq)?.ok_or_else(|| bad("no such grant"))?;
+            if (&old.resource_code, &old.consumer_code, &old.provider_code)
+                != (&grant.resource_code, &grant.consumer_code, &grant.provider_code)
+            {
+                return Err(bad("resource, consumer and provider of a grant cannot change"));
+            }
+            version += 1;
+            grant.version = version;
+            batch.insert(grant_key(seq), grant.encode_to_vec());
+            batch.insert(change_key(version), grant_change(&grant));
+            stored.push(grant);
+        }
+        if !stored.is_empty() {
+            let seq = counters.seq;
+            self.commit(&mut counters, batch, version, seq).await?;
+        }
+        Ok(stored)
+    }
+
+    async fn get(&self, grant_id: &str) -> Result<Option<Grant>, StoreError> {
+        match parse_grant_id(grant_id) {
+            Some(seq) => Self::get_sync(&self.tree, seq),
+            None => Ok(None),
+        }
+    }
+
+    async fn for_consumer(&self, consumer_code: &str, resource_code: &str) -> Result<Vec<Grant>, StoreError> {
+        let tree = self.tree.clone();
+        let prefix = pair_prefix(consumer_code, resource_code);
+        blocking(move || {
+            let mut out = Vec::new();
+            for kv in tree.scan_prefix(&prefix) {
+                let (k, _) = kv.map_err(backend)?;
+                let seq = read_u64(&k, &k[prefix.len()..])?;
+                let grant = Self::get_sync(&tree, seq)?.ok_or_else(|| StoreError::Corrupt {
+                    key: String::from_utf8_lossy(&k).into_owned(),
+                    reason: format!("indexes grant {} which does not exist", grant_id(seq)),
+                })?;
+                out.push(grant);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn list(&self, department: Option<&str>) -> Result<Vec<Grant>, StoreError> {
+        let tree = self.tree.clone();
+        let department = department.map(str::to_string);
+        blocking(move || {
+            let mut out = Vec::new();
+            for kv in tree.scan_prefix(GRANT_PREFIX).rev() {
+                let (k, v) = kv.map_err(backend)?;
+                let grant: Grant = decode(&k, &v)?;
+                let visible = department
+                    .as_deref()
+                    .is_none_or(|d| grant.provider_code == d || grant.consumer_code == d);
+                if visible {
+                    out.push(grant);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn changes_since(&self, after_version: u64, limit: usize) -> Result<Vec<GrantChange>, StoreError> {
+        read_log(&self.tree, self.durable.load(Ordering::Acquire), after_version, limit).await
+    }
+
+    async fn current_version(&self) -> Result<u64, StoreError> {
+        Ok(self.durable.load(Ordering::Acquire))
     }
 }
 
@@ -462,11 +758,13 @@ mod tests {
             registered_at_unix_ms: 1,
             last_heartbeat_unix_ms: 1,
             lease_expires_unix_ms: 2,
+            audit_verifying_key_hex: "ab".repeat(32),
         };
         stores.nodes.register(rec.clone()).await.unwrap();
         stores.nodes.register(NodeRecord { department: "taxi".into(), ..rec.clone() }).await.unwrap();
         let hb = stores.nodes.heartbeat("tax", "n1", 5, 10).await.unwrap().unwrap();
         assert_eq!((hb.last_heartbeat_unix_ms, hb.lease_expires_unix_ms, hb.address.as_str()), (5, 10, "h:1"));
+        assert_eq!(hb.audit_verifying_key_hex, "ab".repeat(32));
         assert_eq!(stores.nodes.list(Some("tax")).await.unwrap().len(), 1);
         assert_eq!(stores.nodes.list(None).await.unwrap().len(), 2);
 
@@ -475,5 +773,156 @@ mod tests {
         let again = Revocation { reason: "second".into(), ..r };
         assert_eq!(stores.revocations.revoke(again).await.unwrap().reason, "first");
         assert_eq!(stores.revocations.list().await.unwrap().len(), 1);
+    }
+
+    fn revocation(serial: &str) -> Revocation {
+        Revocation { serial_hex: serial.into(), reason: format!("r{serial}"), version: 99, ..Default::default() }
+    }
+
+    #[tokio::test]
+    async fn revocation_versions_are_consecutive_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let stores = open(dir.path()).unwrap();
+            assert_eq!(stores.revocations.current_version().await.unwrap(), 0);
+            assert_eq!(stores.revocations.revoke(revocation("0b")).await.unwrap().version, 1);
+            assert_eq!(stores.revocations.revoke(revocation("0a")).await.unwrap().version, 2);
+            // a repeated revoke returns the first record and takes no version
+            let again = stores.revocations.revoke(Revocation { reason: "again".into(), ..revocation("0b") }).await;
+            assert_eq!((again.as_ref().unwrap().version, again.unwrap().reason.as_str()), (1, "r0b"));
+            assert_eq!(stores.revocations.current_version().await.unwrap(), 2);
+        }
+        let stores = open(dir.path()).unwrap();
+        assert_eq!(stores.revocations.current_version().await.unwrap(), 2);
+        let by_serial = stores.revocations.list().await.unwrap();
+        assert_eq!(by_serial.iter().map(|r| (r.serial_hex.as_str(), r.version)).collect::<Vec<_>>(), [("0a", 2), ("0b", 1)]);
+        let log = stores.revocations.changes_since(0, 10).await.unwrap();
+        assert_eq!(log.iter().map(|r| (r.serial_hex.as_str(), r.version)).collect::<Vec<_>>(), [("0b", 1), ("0a", 2)]);
+        assert_eq!(stores.revocations.changes_since(1, 10).await.unwrap().len(), 1);
+        assert!(stores.revocations.changes_since(2, 10).await.unwrap().is_empty());
+        assert_eq!(stores.revocations.revoke(revocation("0c")).await.unwrap().version, 3);
+    }
+
+    #[tokio::test]
+    async fn revocations_stored_without_versions_get_them_in_serial_order() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            // The layout before the revocation log: the bare serial as key, no version.
+            let db = sled::Config::new().path(dir.path()).open().unwrap();
+            let tree = db.open_tree("revocations").unwrap();
+            for serial in ["ff01", "0a", "1c"] {
+                let r = Revocation { version: 0, ..revocation(serial) };
+                tree.insert(serial.as_bytes(), r.encode_to_vec()).unwrap();
+            }
+            db.flush().unwrap();
+        }
+        for _ in 0..2 {
+            // the second open finds nothing left to migrate
+            let stores = open(dir.path()).unwrap();
+            assert_eq!(stores.revocations.current_version().await.unwrap(), 3);
+            let log = stores.revocations.changes_since(0, 10).await.unwrap();
+            let got: Vec<(&str, u64)> = log.iter().map(|r| (r.serial_hex.as_str(), r.version)).collect();
+            assert_eq!(got, [("0a", 1), ("1c", 2), ("ff01", 3)]);
+            assert_eq!(stores.revocations.list().await.unwrap().len(), 3);
+            assert_eq!(stores.revocations.revoke(revocation("1c")).await.unwrap().version, 2);
+        }
+    }
+
+    fn pending(consumer: &str, resource: &str) -> Grant {
+        Grant {
+            resource_code: resource.into(),
+            consumer_code: consumer.into(),
+            provider_code: "tax".into(),
+            requested_items: vec!["a".into()],
+            status: exchange_proto::v1::GrantStatus::Pending as i32,
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn grants_ids_versions_index_and_log_survive_reopen() {
+        use exchange_proto::v1::GrantStatus;
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let stores = open(dir.path()).unwrap();
+            let g1 = stores.grants.insert(pending("police", "1/000001")).await.unwrap();
+            assert_eq!((g1.grant_id.as_str(), g1.version), ("G00000001", 1));
+            let g2 = stores.grants.insert(pending("health", "1/000001")).await.unwrap();
+            let g3 = stores.grants.insert(pending("police", "1/000001")).await.unwrap();
+            assert_eq!((g2.grant_id.as_str(), g3.grant_id.as_str(), g3.version), ("G00000002", "G00000003", 3));
+
+            // one atomic update of two grants: consecutive versions, in order
+            let approved = Grant { status: GrantStatus::Approved as i32, ..g1.clone() };
+            let rejected = Grant { status: GrantStatus::Rejected as i32, ..g3.clone() };
+            let stored = stores.grants.update(vec![approved, rejected]).await.unwrap();
+            assert_eq!(stored.iter().map(|g| g.version).collect::<Vec<_>>(), [4, 5]);
+
+            // an unknown grant or a changed consumer writes nothing
+            let unknown = Grant { grant_id: "G00000009".into(), ..g1.clone() };
+            let moved = Grant { consumer_code: "health".into(), ..g1.clone() };
+            for bad in [vec![g2.clone(), unknown], vec![moved]] {
+                assert!(matches!(stores.grants.update(bad).await, Err(StoreError::BadGrantUpdate(..))));
+            }
+            assert_eq!(stores.grants.current_version().await.unwrap(), 5);
+        }
+        let stores = open(dir.path()).unwrap();
+        assert_eq!(stores.grants.current_version().await.unwrap(), 5);
+        let police: Vec<(String, i32)> = stores
+            .grants
+            .for_consumer("police", "1/000001")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|g| (g.grant_id, g.status))
+            .collect();
+        assert_eq!(
+            police,
+            [("G00000001".into(), GrantStatus::Approved as i32), ("G00000003".into(), GrantStatus::Rejected as i32)]
+        );
+        assert!(stores.grants.for_consumer("police", "1/000002").await.unwrap().is_empty());
+        let ids = |gs: Vec<Grant>| gs.into_iter().map(|g| g.grant_id).collect::<Vec<_>>();
+        assert_eq!(ids(stores.grants.list(None).await.unwrap()), ["G00000003", "G00000002", "G00000001"]);
+        assert_eq!(ids(stores.grants.list(Some("health")).await.unwrap()), ["G00000002"]);
+        assert_eq!(ids(stores.grants.list(Some("tax")).await.unwrap()).len(), 3);
+        assert!(stores.grants.list(Some("commerce")).await.unwrap().is_empty());
+        // the log keeps every state, each with its version
+        let log = stores.grants.changes_since(0, 100).await.unwrap();
+        let states: Vec<(u64, &str, i32, u64)> = log
+            .iter()
+            .map(|c| {
+                let g = c.grant.as_ref().unwrap();
+                (c.version, g.grant_id.as_str(), g.status, g.version)
+            })
+            .collect();
+        let (p, a, r) = (GrantStatus::Pending as i32, GrantStatus::Approved as i32, GrantStatus::Rejected as i32);
+        assert_eq!(
+            states,
+            [
+                (1, "G00000001", p, 1),
+                (2, "G00000002", p, 2),
+                (3, "G00000003", p, 3),
+                (4, "G00000001", a, 4),
+                (5, "G00000003", r, 5)
+            ]
+        );
+        assert_eq!(stores.grants.changes_since(3, 1).await.unwrap()[0].version, 4);
+        assert_eq!(stores.grants.get("G00000002").await.unwrap().unwrap().consumer_code, "health");
+        assert!(stores.grants.get("G00000004").await.unwrap().is_none());
+        assert!(stores.grants.get("nonsense").await.unwrap().is_none());
+        // ids and versions continue
+        let g4 = stores.grants.insert(pending("police", "1/000002")).await.unwrap();
+        assert_eq!((g4.grant_id.as_str(), g4.version), ("G00000004", 6));
+    }
+
+    #[test]
+    fn grant_ids() {
+        use crate::store::{grant_id, parse_grant_id};
+        assert_eq!(grant_id(1), "G00000001");
+        assert_eq!(grant_id(123_456_789), "G123456789");
+        assert_eq!(parse_grant_id("G00000042"), Some(42));
+        assert_eq!(parse_grant_id("G123456789"), Some(123_456_789));
+        for bad in ["", "G", "G0000001", "g00000001", "G00000000", "G0000000a", "G000000001", "00000001", "G+0000001"] {
+            assert_eq!(parse_grant_id(bad), None, "{bad}");
+        }
     }
 }

@@ -1,0 +1,431 @@
+//! What the node knows of the directory's rules, and the provider-side access decision.
+//!
+//! The directory records the rules; the provider's node enforces them (an invariant). To decide without a
+//! directory round trip, and to keep deciding while the directory is unreachable, the node keeps a copy of
+//! what concerns it, fed by the directory's watch streams (`sync`):
+//! - its own department's catalog entries (share type, data items, record kind),
+//! - the grants where its department is provider or consumer,
+//! - the revoked certificate serials (fed straight into the TLS [`RevocationSet`]),
+//! - each stream's cursor (the last version applied), so a restart resumes where it stopped.
+//!
+//! All of it is kept in its own sled trees, written before the cursor moves, so a crash replays a change
+//! rather than losing it (applying a change twice is harmless: every change carries the whole object).
+//!
+//! The decision ([`Policy::authorize`]) follows the catalog entry's share type: unconditional → any
+//! department's node; conditional → only a consumer with an approved, unexpired grant, and only the
+//! granted items; not shared → nobody. The node's own department always sees all of its own items.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, RwLock};
+
+use client_sdk::identity::normalize_serial;
+use client_sdk::tls::RevocationSet;
+use exchange_proto::v1::{CatalogChange, CatalogEntry, Grant, GrantChange, GrantStatus, Revocation, ShareType};
+use prost::Message;
+
+use crate::error::NodeError;
+
+const TREE_ENTRIES: &str = "policy_entries";
+const TREE_GRANTS: &str = "policy_grants";
+const TREE_REVOCATIONS: &str = "policy_revocations";
+const TREE_META: &str = "policy_meta";
+const KEY_CATALOG_VERSION: &[u8] = b"catalog_version";
+const KEY_GRANTS_VERSION: &[u8] = b"grants_version";
+const KEY_REVOCATIONS_VERSION: &[u8] = b"revocations_version";
+
+/// The directory streams the node follows; each reports whether it is connected.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Feed {
+    Catalog = 1,
+    Grants = 2,
+    Revocations = 4,
+}
+
+/// What a consumer may receive of a resource.
+#[derive(Clone, Debug)]
+pub struct Decision {
+    pub entry: Arc<CatalogEntry>,
+    /// `None`: every data item of the entry (unconditional resource, or the provider's own department).
+    /// `Some(items)`: the items of the consumer's grant.
+    pub granted_items: Option<Vec<String>>,
+    /// The grant that allowed it, if one was needed.
+    pub grant_id: Option<String>,
+}
+
+#[derive(Default)]
+struct Known {
+    /// This department's entries by resource code (tombstones included, so a withdrawal is known).
+    entries: HashMap<String, Arc<CatalogEntry>>,
+    /// Grants where this department is provider or consumer, by id.
+    grants: HashMap<String, Grant>,
+    /// Provider side: (consumer, resource) → id of the latest approved grant.
+    active: HashMap<(String, String), String>,
+    catalog_version: u64,
+    grants_version: u64,
+    revocations_version: u64,
+}
+
+/// The node's copy of the directory's rules. Shared (`Arc`) by the sync tasks, the relay and the
+/// application API.
+pub struct Policy {
+    department: String,
+    entries: sled::Tree,
+    grants: sled::Tree,
+    revocation_log: sled::Tree,
+    meta: sled::Tree,
+    known: RwLock<Known>,
+    revoked: RevocationSet,
+    connected: AtomicU8,
+}
+
+fn corrupt(tree: &str, e: impl std::fmt::Display) -> NodeError {
+    NodeError::Store(format!("{tree}: unreadable record: {e}"))
+}
+
+fn read_u64(tree: &sled::Tree, key: &[u8]) -> Result<u64, NodeError> {
+    Ok(match tree.get(key)? {
+        Some(v) if v.len() == 8 => u64::from_be_bytes(v.as_ref().try_into().expect("8 bytes")),
+        Some(_) => return Err(corrupt(TREE_META, String::from_utf8_lossy(key))),
+        None => 0,
+    })
+}
+
+impl Policy {
+    /// Opens the node's copy from `db` and loads it, feeding the stored revocations into `revoked`.
+    pub fn open(db: &sled::Db, department: &str, revoked: RevocationSet) -> Result<Self, NodeError> {
+        let policy = Policy {
+            department: department.to_string(),
+            entries: db.open_tree(TREE_ENTRIES)?,
+            grants: db.open_tree(TREE_GRANTS)?,
+            revocation_log: db.open_tree(TREE_REVOCATIONS)?,
+            meta: db.open_tree(TREE_META)?,
+            known: RwLock::default(),
+            revoked,
+            connected: AtomicU8::new(0),
+        };
+        let mut known = Known {
+            catalog_version: read_u64(&policy.meta, KEY_CATALOG_VERSION)?,
+            grants_version: read_u64(&policy.meta, KEY_GRANTS_VERSION)?,
+            revocations_version: read_u64(&policy.meta, KEY_REVOCATIONS_VERSION)?,
+            ..Known::default()
+        };
+        for item in policy.entries.iter() {
+            let (_, v) = item?;
+            let entry = CatalogEntry::decode(v.as_ref()).map_err(|e| corrupt(TREE_ENTRIES, e))?;
+            known.entries.insert(entry.resource_code.clone(), Arc::new(entry));
+        }
+        for item in policy.grants.iter() {
+            let (_, v) = item?;
+            let grant = Grant::decode(v.as_ref()).map_err(|e| corrupt(TREE_GRANTS, e))?;
+            known.grants.insert(grant.grant_id.clone(), grant);
+        }
+        let grants: Vec<Grant> = known.grants.values().cloned().collect();
+        for g in &grants {
+            Self::index_grant(&policy.department, &mut known, g);
+        }
+        let mut serials = Vec::new();
+        for item in policy.revocation_log.iter() {
+            let (_, v) = item?;
+            let r = Revocation::decode(v.as_ref()).map_err(|e| corrupt(TREE_REVOCATIONS, e))?;
+            serials.extend(normalize_serial(&r.serial_hex));
+        }
+        policy.revoked.replace_all(serials);
+        *policy.known.write().expect("policy lock") = known;
+        Ok(policy)
+    }
+
+    pub fn department(&self) -> &str {
+        &self.department
+    }
+
+    // ---- what the sync tasks feed in ----
+
+    pub fn catalog_version(&self) -> u64 {
+        self.known.read().expect("policy lock").catalog_version
+    }
+    pub fn grants_version(&self) -> u64 {
+        self.known.read().expect("policy lock").grants_version
+    }
+    pub fn revocations_version(&self) -> u64 {
+        self.known.read().expect("policy lock").revocations_version
+    }
+
+    /// Applies one catalog change. Returns the entry's resource code when the entry is another
+    /// department's (the consumer side drops its cached resolution of it).
+    pub fn apply_catalog_change(&self, change: &CatalogChange) -> Result<Option<String>, NodeError> {
+        let Some(entry) = change.entry.as_ref() else { return Ok(None) };
+        let other = if entry.provider_code == self.department {
+            self.entries.insert(entry.resource_code.as_bytes(), entry.encode_to_vec())?;
+            None
+        } else {
+            Some(entry.resource_code.clone())
+        };
+        self.meta.insert(KEY_CATALOG_VERSION, &change.version.to_be_bytes())?;
+        let mut known = self.known.write().expect("policy lock");
+        if entry.provider_code == self.department {
+            known.entries.insert(entry.resource_code.clone(), Arc::new(entry.clone()));
+        }
+        known.catalog_version = known.catalog_version.max(change.version);
+        Ok(other)
+    }
+
+    /// Remembers an entry of this department fetched directly from the directory (before the catalog
+    /// watch has caught up). Never replaces a newer version.
+    pub fn learn_entry(&self, entry: CatalogEntry) -> Result<Arc<CatalogEntry>, NodeError> {
+        let mut known = self.known.write().expect("policy lock");
+        if let Some(have) = known.entries.get(&entry.resource_code) {
+            if have.version >= entry.version {
+                return Ok(have.clone());
+            }
+        }
+        self.entries.insert(entry.resource_code.as_bytes(), entry.encode_to_vec())?;
+        let entry = Arc::new(entry);
+        known.entries.insert(entry.resource_code.clone(), entry.clone());
+        Ok(entry)
+    }
+
+    pub fn apply_grant_change(&self, change: &GrantChange) -> Result<(), NodeError> {
+        let Some(grant) = change.grant.as_ref() else { return Ok(()) };
+        self.grants.insert(grant.grant_id.as_bytes(), grant.encode_to_vec())?;
+        self.meta.insert(KEY_GRANTS_VERSION, &change.version.to_be_bytes())?;
+        let mut known = self.known.write().expect("policy lock");
+        let previous = known.grants.insert(grant.grant_id.clone(), grant.clone());
+        if let Some(p) = previous {
+            if p.version > grant.version {
+                // An older change replayed after a newer one: keep the newer.
+                known.grants.insert(p.grant_id.clone(), p);
+            }
+        }
+        let current = known.grants.get(&grant.grant_id).cloned().expect("just inserted");
+        Self::index_grant(&self.department, &mut known, &current);
+        known.grants_version = known.grants_version.max(change.version);
+        Ok(())
+    }
+
+    /// Keeps `active` pointing at the latest approved grant per (consumer, resource) of this provider.
+    fn index_grant(department: &str, known: &mut Known, grant: &Grant) {
+        if grant.provider_code != department {
+            return;
+        }
+        let key = (grant.consumer_code.clone(), grant.resource_code.clone());
+        let approved = grant.status == GrantStatus::Approved as i32;
+        match known.active.get(&key).and_then(|id| known.grants.get(id)).cloned() {
+            Some(current) if current.grant_id == grant.grant_id => {
+                if !approved {
+                    known.active.remove(&key);
+                }
+            }
+            Some(current) => {
+                if approved && grant.version > current.version {
+                    known.active.insert(key, grant.grant_id.clone());
+                }
+            }
+            None => {
+                if approved {
+                    known.active.insert(key, grant.grant_id.clone());
+                }
+            }
+        }
+    }
+
+    pub fn apply_revocation(&self, revocation: &Revocation) -> Result<(), NodeError> {
+        self.revocation_log.insert(revocation.version.to_be_bytes(), revocation.encode_to_vec())?;
+        self.meta.insert(KEY_REVOCATIONS_VERSION, &revocation.version.to_be_bytes())?;
+        if let Some(serial) = normalize_serial(&revocation.serial_hex) {
+            tracing::warn!(serial = %serial, department = %revocation.department, reason = %revocation.reason, "certificate revoked");
+            self.revoked.insert(serial);
+        }
+        let mut known = self.known.write().expect("policy lock");
+        known.revocations_version = known.revocations_version.max(revocation.version);
+        Ok(())
+    }
+
+    pub fn set_connected(&self, feed: Feed, connected: bool) {
+        if connected {
+            self.connected.fetch_or(feed as u8, Ordering::Relaxed);
+        } else {
+            self.connected.fetch_and(!(feed as u8), Ordering::Relaxed);
+        }
+    }
+
+    /// True while all three watch streams are open.
+    pub fn all_connected(&self) -> bool {
+        self.connected.load(Ordering::Relaxed) == 7
+    }
+
+    // ---- what the node reads ----
+
+    /// This department's entry, if the node knows it (live or withdrawn).
+    pub fn own_entry(&self, resource_code: &str) -> Option<Arc<CatalogEntry>> {
+        self.known.read().expect("policy lock").entries.get(resource_code).cloned()
+    }
+
+    /// Live entries of this department.
+    pub fn provided_resources(&self) -> u64 {
+        self.known.read().expect("policy lock").entries.values().filter(|e| !e.withdrawn).count() as u64
+    }
+
+    /// Approved, unexpired grants where this department is the provider.
+    pub fn active_grants(&self, now_unix_ms: i64) -> u64 {
+        let known = self.known.read().expect("policy lock");
+        known
+            .active
+            .values()
+            .filter_map(|id| known.grants.get(id))
+            .filter(|g| g.expires_at_unix_ms == 0 || g.expires_at_unix_ms > now_unix_ms)
+            .count() as u64
+    }
+
+    /// The provider-side decision for `consumer` reading `entry` (one of this department's entries).
+    pub fn authorize(&self, consumer: &str, entry: Arc<CatalogEntry>, now_unix_ms: i64) -> Result<Decision, NodeError> {
+        let code = &entry.resource_code;
+        if entry.withdrawn {
+            return Err(NodeError::NotFound(format!("resource {code} has been withdrawn by department {}", self.department)));
+        }
+        if consumer == self.department {
+            return Ok(Decision { entry, granted_items: None, grant_id: None });
+        }
+        match ShareType::try_from(entry.share_type) {
+            Ok(ShareType::Unconditional) => Ok(Decision { entry, granted_items: None, grant_id: None }),
+            Ok(ShareType::Conditional) => {
+                let known = self.known.read().expect("policy lock");
+                let grant = known
+                    .active
+                    .get(&(consumer.to_string(), code.clone()))
+                    .and_then(|id| known.grants.get(id));
+                let Some(grant) = grant else {
+                    // Say why: a revoked or expired grant is a different fix than none at all.
+                    let last = known
+                        .grants
+                        .values()
+                        .filter(|g| g.consumer_code == consumer && &g.resource_code == code)
+                        .max_by_key(|g| g.version);
+                    let why = match last.map(|g| (g, GrantStatus::try_from(g.status))) {
+                        Some((g, Ok(GrantStatus::Revoked))) => {
+                            format!("grant {} was revoked: {}", g.grant_id, g.decision_reason)
+                        }
+                        Some((g, Ok(GrantStatus::Pending))) => format!("grant request {} is still pending", g.grant_id),
+                        Some((g, Ok(GrantStatus::Rejected))) => {
+                            format!("grant request {} was rejected: {}", g.grant_id, g.decision_reason)
+                        }
+                        _ => "no grant".to_string(),
+                    };
+                    return Err(NodeError::PermissionDenied(format!(
+                        "resource {code} is shared on condition ({}); department {consumer} has {why}; \
+                         request access with `exchangectl grants request --resource {code}`",
+                        entry.share_condition
+                    )));
+                };
+                if grant.expires_at_unix_ms != 0 && grant.expires_at_unix_ms <= now_unix_ms {
+                    return Err(NodeError::PermissionDenied(format!(
+                        "grant {} of department {consumer} for resource {code} expired at {} (unix ms); request access again",
+                        grant.grant_id, grant.expires_at_unix_ms
+                    )));
+                }
+                let items = grant.granted_items.clone();
+                let grant_id = Some(grant.grant_id.clone());
+                drop(known);
+                Ok(Decision { entry, granted_items: Some(items), grant_id })
+            }
+            Ok(ShareType::NotShared) => Err(NodeError::PermissionDenied(format!(
+                "resource {code} is not shared: {}",
+                entry.share_condition
+            ))),
+            _ => Err(NodeError::PermissionDenied(format!("resource {code} has no share type; nothing is shared"))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(code: &str, provider: &str, share: ShareType) -> CatalogEntry {
+        CatalogEntry {
+            resource_code: code.into(),
+            provider_code: provider.into(),
+            share_type: share as i32,
+            share_condition: "依法申请".into(),
+            version: 1,
+            ..Default::default()
+        }
+    }
+
+    fn grant(id: &str, consumer: &str, status: GrantStatus, version: u64, expires: i64) -> Grant {
+        Grant {
+            grant_id: id.into(),
+            resource_code: "302001/000001".into(),
+            consumer_code: consumer.into(),
+            provider_code: "commerce".into(),
+            granted_items: vec!["当事人名称".into()],
+            status: status as i32,
+            version,
+            expires_at_unix_ms: expires,
+            decision_reason: "收回".into(),
+            ..Default::default()
+        }
+    }
+
+    fn open(dir: &std::path::Path) -> Policy {
+        let db = sled::open(dir).unwrap();
+        Policy::open(&db, "commerce", RevocationSet::default()).unwrap()
+    }
+
+    #[test]
+    fn share_types_and_grants_decide() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = open(dir.path());
+        let conditional = Arc::new(entry("302001/000001", "commerce", ShareType::Conditional));
+        let open_entry = Arc::new(entry("101001/000001", "commerce", ShareType::Unconditional));
+        let closed = Arc::new(entry("302001/000009", "commerce", ShareType::NotShared));
+        assert!(p.authorize("tax", open_entry.clone(), 0).unwrap().granted_items.is_none());
+        let err = p.authorize("tax", closed.clone(), 0).unwrap_err();
+        assert!(matches!(err, NodeError::PermissionDenied(m) if m.contains("not shared")));
+        assert!(p.authorize("commerce", closed, 0).is_ok(), "own department sees its own data");
+        let err = p.authorize("quality", conditional.clone(), 0).unwrap_err();
+        assert!(matches!(err, NodeError::PermissionDenied(ref m) if m.contains("no grant")), "{err}");
+
+        p.apply_grant_change(&GrantChange { version: 1, grant: Some(grant("G1", "quality", GrantStatus::Approved, 1, 0)) })
+            .unwrap();
+        let d = p.authorize("quality", conditional.clone(), 0).unwrap();
+        assert_eq!(d.granted_items.unwrap(), vec!["当事人名称".to_string()]);
+        assert!(p.authorize("tax", conditional.clone(), 0).is_err(), "grants are per consumer");
+
+        p.apply_grant_change(&GrantChange { version: 2, grant: Some(grant("G1", "quality", GrantStatus::Revoked, 2, 0)) })
+            .unwrap();
+        let err = p.authorize("quality", conditional.clone(), 0).unwrap_err();
+        assert!(matches!(err, NodeError::PermissionDenied(ref m) if m.contains("revoked")), "{err}");
+
+        p.apply_grant_change(&GrantChange { version: 3, grant: Some(grant("G2", "quality", GrantStatus::Approved, 3, 1000)) })
+            .unwrap();
+        assert!(p.authorize("quality", conditional.clone(), 999).is_ok());
+        let err = p.authorize("quality", conditional, 1000).unwrap_err();
+        assert!(matches!(err, NodeError::PermissionDenied(ref m) if m.contains("expired")), "{err}");
+    }
+
+    #[test]
+    fn state_survives_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let p = open(dir.path());
+            let e = entry("302001/000001", "commerce", ShareType::Conditional);
+            p.apply_catalog_change(&CatalogChange { version: 7, kind: 1, entry: Some(e) }).unwrap();
+            let other = entry("101002/000001", "tax", ShareType::Unconditional);
+            let dropped = p.apply_catalog_change(&CatalogChange { version: 8, kind: 1, entry: Some(other) }).unwrap();
+            assert_eq!(dropped.as_deref(), Some("101002/000001"));
+            p.apply_grant_change(&GrantChange { version: 4, grant: Some(grant("G1", "quality", GrantStatus::Approved, 4, 0)) })
+                .unwrap();
+            p.apply_revocation(&Revocation { serial_hex: "0A:FF".into(), version: 2, ..Default::default() }).unwrap();
+        }
+        let revoked = RevocationSet::default();
+        let db = sled::open(dir.path()).unwrap();
+        let p = Policy::open(&db, "commerce", revoked.clone()).unwrap();
+        assert_eq!((p.catalog_version(), p.grants_version(), p.revocations_version()), (8, 4, 2));
+        assert!(p.own_entry("101002/000001").is_none(), "only own entries are kept");
+        let e = p.own_entry("302001/000001").unwrap();
+        assert!(p.authorize("quality", e, 0).is_ok());
+        assert_eq!(revoked.len(), 1);
+        assert_eq!(p.active_grants(0), 1);
+    }
+}

@@ -1,0 +1,296 @@
+//! The provider side of the relay: the `Relay` service other departments' nodes call.
+//!
+//! Order of a `FetchRecords` call, each step refusing with its own status:
+//! 1. the caller must be a `node` certificate (an application cannot reach another department's data
+//!    except through its own node, which records the call); its department is the consumer;
+//! 2. the request is checked (INVALID_ARGUMENT, nothing read);
+//! 3. [`Policy::authorize`]: the catalog entry's share type and the consumer's grant;
+//! 4. the provider's quota for this consumer and resource (RESOURCE_EXHAUSTED with RetryInfo);
+//! 5. the keys are checked against the record kind (a malformed identity number is never looked up);
+//! 6. the records are read and cut down to the allowed items, identity numbers masked where not granted;
+//! 7. the call is appended to the audit trail — whatever the outcome. If the audit trail cannot be
+//!    written, the answer is withheld: nothing leaves the node unrecorded.
+
+use std::sync::Arc;
+
+use client_sdk::auth::caller;
+use client_sdk::identity::{PeerIdentity, Role};
+use exchange_proto::limits::MAX_QUERY_KEYS;
+use exchange_proto::v1::relay_server::Relay;
+use exchange_proto::v1::{CatalogEntry, FetchRecordsRequest, FetchRecordsResponse, RecordKind};
+use prost::Message;
+use tonic::{Request, Response, Status};
+
+use crate::audit::{AuditLog, AuditRecord, KeyHasher, Side};
+use crate::error::{NodeError, Violation};
+use crate::policy::Policy;
+use crate::quota::QuotaTable;
+use crate::records::disclosure;
+use crate::records::RecordStore;
+use crate::state::now_unix_ms;
+
+/// Longest message id accepted (the consumer's node picks it; 32 hex characters in practice).
+const MAX_MESSAGE_ID_CHARS: usize = 64;
+/// Longest purpose text accepted.
+pub const MAX_PURPOSE_CHARS: usize = 500;
+
+pub fn now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}
+
+/// What both sides of the relay need to check, read and record.
+pub struct Exchange {
+    pub me: PeerIdentity,
+    pub policy: Arc<Policy>,
+    pub records: Arc<dyn RecordStore>,
+    pub audit: Arc<AuditLog>,
+    pub hasher: Arc<KeyHasher>,
+    pub quotas: Arc<QuotaTable>,
+}
+
+impl Exchange {
+    /// This department's catalog entry for `resource_code`, from the node's copy or else the directory.
+    pub async fn own_entry(
+        &self,
+        resource_code: &str,
+        directory: &exchange_proto::v1::directory_client::DirectoryClient<tonic::transport::Channel>,
+    ) -> Result<Arc<CatalogEntry>, NodeError> {
+        if let Some(e) = self.policy.own_entry(resource_code) {
+            return Ok(e);
+        }
+        // Not (yet) in the node's copy: the catalog watch may not have caught up since the entry was
+        // published. Ask the directory once; the answer is kept.
+        let not_ours = || {
+            NodeError::NotFound(format!(
+                "resource {resource_code} is not published by department {}",
+                self.me.department
+            ))
+        };
+        let mut req = Request::new(exchange_proto::v1::GetEntryRequest {
+            resource_code: resource_code.to_string(),
+            include_withdrawn: true,
+        });
+        req.set_timeout(std::time::Duration::from_secs(5));
+        match directory.clone().get_entry(req).await {
+            Ok(resp) => {
+                let entry = resp.into_inner();
+                if entry.provider_code != self.me.department {
+                    return Err(NodeError::PermissionDenied(format!(
+                        "resource {resource_code} is published by department {}, not {}: a node serves and stores \
+                         only its own department's records",
+                        entry.provider_code, self.me.department
+                    )));
+                }
+                self.policy.learn_entry(entry)
+            }
+            Err(s) if s.code() == tonic::Code::NotFound => Err(not_ours()),
+            Err(s) if s.code() == tonic::Code::InvalidArgument => {
+                Err(NodeError::invalid("resource_code", s.message().to_string()))
+            }
+            Err(s) => Err(NodeError::Unavailable(format!(
+                "resource {resource_code} is not in this node's copy of the catalog and the directory cannot be asked: {}",
+                s.message()
+            ))),
+        }
+    }
+
+    pub fn append_audit(&self, record: AuditRecord) -> Result<(), NodeError> {
+        self.audit.append(record).map(|_| ()).map_err(|e| NodeError::Audit(e.to_string()))
+    }
+}
+
+/// Checks a key against the record kind: USCC for enterprises, identity number for population records.
+/// The description never quotes an identity number.
+pub fn check_key(kind: i32, key: &str) -> Result<(), String> {
+    match RecordKind::try_from(kind) {
+        Ok(RecordKind::Enterprise) => client_sdk::ids::validate_uscc(key).map_err(|e| e.to_string()),
+        Ok(RecordKind::Population) => client_sdk::ids::validate_identity_number(key).map_err(|e| e.to_string()),
+        _ => {
+            if key.is_empty() || key.chars().count() > 128 || key.chars().any(char::is_control) {
+                Err("a key is 1 to 128 characters without control characters".into())
+            } else {
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Checks the shape of a relay request (message id, resource code, key count, purpose).
+pub fn check_request(message_id: Option<&str>, resource_code: &str, keys: &[String], purpose: &str) -> Vec<Violation> {
+    let mut v = Vec::new();
+    if let Some(id) = message_id {
+        if id.is_empty()
+            || id.len() > MAX_MESSAGE_ID_CHARS
+            || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            v.push(Violation::new("message_id", "1 to 64 characters: letters, digits, - and _"));
+        }
+    }
+    if resource_code.is_empty() {
+        v.push(Violation::new("resource_code", "required"));
+    }
+    if keys.is_empty() {
+        v.push(Violation::new("keys", "at least one key is required"));
+    } else if keys.len() > MAX_QUERY_KEYS {
+        v.push(Violation::new("keys", format!("at most {MAX_QUERY_KEYS} keys per call; got {}", keys.len())));
+    }
+    if purpose.chars().count() > MAX_PURPOSE_CHARS {
+        v.push(Violation::new("purpose", format!("at most {MAX_PURPOSE_CHARS} characters")));
+    }
+    v
+}
+
+/// The key violations of `keys` for `entry`'s record kind (`keys[i]`).
+pub fn check_keys(entry: &CatalogEntry, keys: &[String]) -> Vec<Violation> {
+    keys.iter()
+        .enumerate()
+        .filter_map(|(i, k)| check_key(entry.record_kind, k).err().map(|why| Violation::new(format!("keys[{i}]"), why)))
+        .collect()
+}
+
+/// The `Relay` gRPC service.
+pub struct RelayService {
+    exchange: Arc<Exchange>,
+    directory: exchange_proto::v1::directory_client::DirectoryClient<tonic::transport::Channel>,
+}
+
+impl RelayService {
+    pub fn new(
+        exchange: Arc<Exchange>,
+        directory: exchange_proto::v1::directory_client::DirectoryClient<tonic::transport::Channel>,
+    ) -> Self {
+        RelayService { exchange, directory }
+    }
+
+    async fn serve(
+        &self,
+        id: &PeerIdentity,
+        body: &FetchRecordsRequest,
+        audit: &mut AuditRecord,
+    ) -> Result<FetchRecordsResponse, NodeError> {
+        let x = &self.exchange;
+        if id.role != Role::Node {
+            return Err(NodeError::PermissionDenied(format!(
+                "FetchRecords is node-to-node: it needs a node certificate; {} has role {}. \
+                 Applications query through their own department's node (QueryRecords)",
+                id.name, id.role
+            )));
+        }
+        let violations = check_request(Some(&body.message_id), &body.resource_code, &body.keys, &body.purpose);
+        if !violations.is_empty() {
+            return Err(NodeError::InvalidArgument(violations));
+        }
+        let entry = x.own_entry(&body.resource_code, &self.directory).await?;
+        let decision = x.policy.authorize(&id.department, entry, now_unix_ms())?;
+        if let Err(wait) = x.quotas.check(&id.department, &body.resource_code) {
+            return Err(NodeError::ResourceExhausted {
+                message: format!(
+                    "department {} has used its quota for resource {} at department {}; retry in {} ms",
+                    id.department,
+                    body.resource_code,
+                    x.me.department,
+                    wait.as_millis() + 1
+                ),
+                retry_after: wait,
+            });
+        }
+        let violations = check_keys(&decision.entry, &body.keys);
+        if !violations.is_empty() {
+            return Err(NodeError::InvalidArgument(violations));
+        }
+
+        audit.request_out_us = now_us();
+        let records = x.records.clone();
+        let code = body.resource_code.clone();
+        let keys = body.keys.clone();
+        let found = tokio::task::spawn_blocking(move || records.get_many(&code, &keys))
+            .await
+            .map_err(|e| NodeError::Store(format!("record store task: {e}")))?
+            .map_err(|e| NodeError::Store(e.to_string()))?;
+        audit.response_in_us = now_us();
+
+        let d = disclosure::disclosure(&decision.entry, decision.granted_items.as_deref());
+        let mut response = FetchRecordsResponse {
+            data_items: d.data_items.clone(),
+            masked_items: d.masked_items.clone(),
+            ..Default::default()
+        };
+        for (i, record) in found.into_iter().enumerate() {
+            match record {
+                Some(r) => response.records.push(disclosure::apply(&d, &decision.entry, r)),
+                None => response.not_found.push(i as u32),
+            }
+        }
+        if body.keys.len() == 1 && response.records.is_empty() {
+            return Err(NodeError::NotFound(format!(
+                "no record with this key in resource {} at department {}",
+                body.resource_code, x.me.department
+            )));
+        }
+        audit.data_items = d.data_items;
+        Ok(response)
+    }
+}
+
+#[tonic::async_trait]
+impl Relay for RelayService {
+    async fn fetch_records(
+        &self,
+        request: Request<FetchRecordsRequest>,
+    ) -> Result<Response<FetchRecordsResponse>, Status> {
+        let request_in_us = now_us();
+        let id = caller(&request)?.clone();
+        let body = request.into_inner();
+        let x = &self.exchange;
+        let mut audit = AuditRecord {
+            message_id: body.message_id.chars().take(MAX_MESSAGE_ID_CHARS).collect(),
+            side: Side::Provider,
+            consumer: id.department.clone(),
+            provider: x.me.department.clone(),
+            resource_code: body.resource_code.chars().take(64).collect(),
+            key_hash: x.hasher.hash_keys(&body.keys),
+            data_items: Vec::new(),
+            result_code: 0,
+            request_bytes: body.encoded_len() as u64,
+            response_bytes: 0,
+            request_in_us,
+            request_out_us: 0,
+            response_in_us: 0,
+            response_out_us: 0,
+            caller: id.name.clone(),
+            purpose: body.purpose.chars().take(MAX_PURPOSE_CHARS).collect(),
+            error: String::new(),
+        };
+        let result = self.serve(&id, &body, &mut audit).await;
+        match &result {
+            Ok(resp) => audit.response_bytes = resp.encoded_len() as u64,
+            Err(e) => {
+                audit.result_code = status_code_of(e) as i32;
+                audit.error = e.to_string();
+                tracing::info!(message_id = %audit.message_id, consumer = %id, resource = %audit.resource_code, error = %e, "relay request refused");
+            }
+        }
+        audit.response_out_us = now_us();
+        // Withhold the answer if it cannot be recorded.
+        x.append_audit(audit)?;
+        result.map(Response::new).map_err(Status::from)
+    }
+}
+
+/// The gRPC code a [`NodeError`] becomes, without building the status (for audit entries).
+pub fn status_code_of(e: &NodeError) -> tonic::Code {
+    use tonic::Code;
+    match e {
+        NodeError::InvalidArgument(_) => Code::InvalidArgument,
+        NodeError::PermissionDenied(_) => Code::PermissionDenied,
+        NodeError::NotFound(_) => Code::NotFound,
+        NodeError::FailedPrecondition(_) => Code::FailedPrecondition,
+        NodeError::ResourceExhausted { .. } => Code::ResourceExhausted,
+        NodeError::Unavailable(_) | NodeError::DirectoryUnreachable { .. } => Code::Unavailable,
+        NodeError::Peer(s) | NodeError::Directory(s) => s.code(),
+        _ => Code::Internal,
+    }
+}

@@ -1,0 +1,157 @@
+//! Following the directory: three watch streams (catalog, grants, revocations) keep [`Policy`] current
+//! within moments of a change, with no polling loop.
+//!
+//! Each stream resumes from the version the node last applied (kept on disk by [`Policy`]), so a
+//! reconnect or a restart neither misses nor needs to re-read anything. A broken stream is reopened with
+//! capped exponential backoff; meanwhile the node keeps deciding with what it has (the cached copy), and
+//! `NodeStatus` shows the watches as disconnected.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use exchange_proto::v1::directory_client::DirectoryClient;
+use exchange_proto::v1::{WatchCatalogRequest, WatchGrantsRequest, WatchRevocationsRequest};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+use tonic::{Status, Streaming};
+
+use crate::error::NodeError;
+use crate::policy::{Feed, Policy};
+use crate::registration::{Backoff, Timing};
+use crate::state::NodeState;
+
+/// Called with the resource code of another department's entry whenever it changes, so cached
+/// resolutions of it are dropped.
+pub type OnForeignChange = Arc<dyn Fn(&str) + Send + Sync>;
+
+pub struct DirectorySync {
+    pub directory: DirectoryClient<Channel>,
+    pub directory_address: String,
+    pub policy: Arc<Policy>,
+    pub state: Arc<NodeState>,
+    pub timing: Timing,
+    pub on_foreign_change: OnForeignChange,
+}
+
+impl DirectorySync {
+    /// Starts the three followers; they end when `shutdown` turns true.
+    pub fn spawn(self, shutdown: watch::Receiver<bool>) -> JoinHandle<()> {
+        let this = Arc::new(self);
+        let catalog = tokio::spawn({
+            let this = this.clone();
+            let shutdown = shutdown.clone();
+            async move {
+                this.follow(
+                    Feed::Catalog,
+                    shutdown,
+                    |mut dir, from| async move { dir.watch_catalog(WatchCatalogRequest { from_version: from }).await },
+                    |this, change| {
+                        if let Some(code) = this.policy.apply_catalog_change(&change)? {
+                            (this.on_foreign_change)(&code);
+                        }
+                        Ok(())
+                    },
+                    |p| p.catalog_version(),
+                )
+                .await
+            }
+        });
+        let grants = tokio::spawn({
+            let this = this.clone();
+            let shutdown = shutdown.clone();
+            async move {
+                this.follow(
+                    Feed::Grants,
+                    shutdown,
+                    |mut dir, from| async move { dir.watch_grants(WatchGrantsRequest { from_version: from }).await },
+                    |this, change| {
+                        if let Some(g) = &change.grant {
+                            tracing::info!(grant = %g.grant_id, resource = %g.resource_code, consumer = %g.consumer_code, status = ?g.status(), "grant changed");
+                        }
+                        this.policy.apply_grant_change(&change)
+                    },
+                    |p| p.grants_version(),
+                )
+                .await
+            }
+        });
+        let revocations = tokio::spawn({
+            let this = this.clone();
+            async move {
+                this.follow(
+                    Feed::Revocations,
+                    shutdown,
+                    |mut dir, from| async move {
+                        dir.watch_revocations(WatchRevocationsRequest { from_version: from }).await
+                    },
+                    |this, revocation| this.policy.apply_revocation(&revocation),
+                    |p| p.revocations_version(),
+                )
+                .await
+            }
+        });
+        tokio::spawn(async move {
+            let _ = tokio::join!(catalog, grants, revocations);
+        })
+    }
+
+    async fn follow<T, Open, Fut>(
+        self: Arc<Self>,
+        feed: Feed,
+        mut shutdown: watch::Receiver<bool>,
+        open: Open,
+        apply: impl Fn(&Self, T) -> Result<(), NodeError>,
+        cursor: impl Fn(&Policy) -> u64,
+    ) where
+        Open: Fn(DirectoryClient<Channel>, u64) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<Streaming<T>>, Status>>,
+    {
+        let mut backoff = Backoff::new(self.timing.backoff_start, self.timing.backoff_max);
+        loop {
+            let from = cursor(&self.policy);
+            let opened = tokio::select! {
+                _ = shutdown.wait_for(|s| *s) => return,
+                r = open(self.directory.clone(), from) => r,
+            };
+            let failure = match opened {
+                Ok(resp) => {
+                    self.policy.set_connected(feed, true);
+                    tracing::debug!(?feed, from_version = from, "following the directory");
+                    let mut stream = resp.into_inner();
+                    let outcome = loop {
+                        let next = tokio::select! {
+                            _ = shutdown.wait_for(|s| *s) => {
+                                self.policy.set_connected(feed, false);
+                                return;
+                            }
+                            n = stream.message() => n,
+                        };
+                        match next {
+                            Ok(Some(item)) => {
+                                if let Err(e) = apply(&self, item) {
+                                    break format!("could not apply a change: {e}");
+                                }
+                                backoff.reset();
+                            }
+                            Ok(None) => break "the directory ended the stream".to_string(),
+                            Err(status) => {
+                                break NodeError::from_directory(&self.directory_address, status).to_string()
+                            }
+                        }
+                    };
+                    self.policy.set_connected(feed, false);
+                    outcome
+                }
+                Err(status) => NodeError::from_directory(&self.directory_address, status).to_string(),
+            };
+            let delay = backoff.next_delay();
+            tracing::warn!(?feed, error = %failure, retry_in = ?delay, "directory watch interrupted; using the cached copy meanwhile");
+            self.state.directory_error(failure);
+            tokio::select! {
+                _ = shutdown.wait_for(|s| *s) => return,
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+}
