@@ -499,7 +499,14 @@ async fn quotas_revoked_certificates_and_a_tampered_audit_trail() {
     commerce.stop().await.unwrap();
     {
         let db = sled::open(data_dir.join("node.sled")).unwrap();
-        exchange_node::audit::tamper_for_tests(&db, 2).unwrap();
+        // What someone with access to the disk might do: turn a refusal into a success.
+        let entries = db.open_tree("audit").unwrap();
+        let key = 2u64.to_be_bytes();
+        let mut entry: serde_json::Value = serde_json::from_slice(&entries.get(key).unwrap().unwrap()).unwrap();
+        entry["record"]["result_code"] = serde_json::json!(0);
+        entry["record"]["response_bytes"] = serde_json::json!(1);
+        entries.insert(key, serde_json::to_vec(&entry).unwrap()).unwrap();
+        db.flush().unwrap();
     }
     let directory_addr = f.directory_addr.clone();
     let pki = f.pki;

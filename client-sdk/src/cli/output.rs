@@ -4,16 +4,19 @@
 //! Every renderer returns a `String`; only [`Printer`] writes to stdout, which keeps the formatting
 //! testable.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use exchange_proto::v1::{
-    CatalogChange, ChangeKind, FacetCount, NodeInfo, NodeStatus, NodeStatusResponse, Revocation,
-    ResolveResourceResponse, SearchCatalogResponse, WhoAmIResponse,
+    AuditEntry, CatalogChange, ChangeKind, FacetCount, Grant, NodeInfo, NodeStatus, NodeStatusResponse,
+    QueryAuditResponse, Revocation, ResolveResourceResponse, SearchCatalogResponse, VerifyAuditResponse,
+    WhoAmIResponse,
 };
 use serde::Serialize;
 
 use super::table::{Align, Table};
 use crate::catalog::CatalogEntrySpec;
+use crate::records::{QueryResult, GRANT_STATUSES};
 
 /// Prints either the JSON form of a view or its human text.
 #[derive(Clone, Copy, Debug)]
@@ -77,6 +80,41 @@ pub fn format_age(now_ms: i64, then_ms: i64) -> String {
         7200..=172_799 => format!("{}h ago", secs / 3600),
         _ => format!("{}d ago", secs / 86_400),
     }
+}
+
+/// The date of a Unix timestamp (milliseconds), UTC: `2026-01-31`.
+pub fn format_day_ms(ms: i64) -> String {
+    format_unix(ms.div_euclid(1000)).get(..10).unwrap_or_default().to_string()
+}
+
+/// gRPC status code names, indexed by code.
+pub const GRPC_CODE_NAMES: [&str; 17] = [
+    "OK",
+    "CANCELLED",
+    "UNKNOWN",
+    "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "ABORTED",
+    "OUT_OF_RANGE",
+    "UNIMPLEMENTED",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DATA_LOSS",
+    "UNAUTHENTICATED",
+];
+
+/// The name of a gRPC status code (`PERMISSION_DENIED`), `CODE_N` for one this build does not know.
+pub fn code_name(code: i32) -> String {
+    usize::try_from(code)
+        .ok()
+        .and_then(|i| GRPC_CODE_NAMES.get(i))
+        .map(|s| s.to_string())
+        .unwrap_or_else(|| format!("CODE_{code}"))
 }
 
 pub fn now_unix_ms() -> i64 {
@@ -599,6 +637,409 @@ impl IssuedView {
     }
 }
 
+// ---- records ----
+
+#[derive(Debug, Serialize)]
+pub struct PutView {
+    pub file: String,
+    pub resource_code: String,
+    /// The node's address.
+    pub via: String,
+    /// Records read from the file.
+    pub records: usize,
+    /// Records the node acknowledged as stored.
+    pub stored: u64,
+}
+
+impl PutView {
+    pub fn human(&self) -> String {
+        format!(
+            "stored {} record{} of {} from {} via {}\n",
+            self.stored,
+            if self.stored == 1 { "" } else { "s" },
+            self.resource_code,
+            self.file,
+            self.via
+        )
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct RecordView {
+    pub key: String,
+    pub items: BTreeMap<String, String>,
+    pub updated_at_unix_ms: i64,
+}
+
+/// `records get`: the response, with the keys that were not found spelled out.
+#[derive(Debug, Serialize)]
+pub struct QueryView {
+    pub resource_code: String,
+    pub message_id: String,
+    pub provider_code: String,
+    pub records: Vec<RecordView>,
+    /// Indexes into the keys asked for.
+    pub not_found: Vec<u32>,
+    pub not_found_keys: Vec<String>,
+    pub data_items: Vec<String>,
+    pub masked_items: Vec<String>,
+}
+
+impl QueryView {
+    pub fn new(resource: &str, keys: &[String], result: QueryResult) -> Self {
+        let keys_ref: Vec<&str> = keys.iter().map(String::as_str).collect();
+        let not_found_keys = result
+            .pair_with_keys(&keys_ref)
+            .into_iter()
+            .filter(|(_, r)| r.is_none())
+            .map(|(k, _)| k.to_string())
+            .collect();
+        QueryView {
+            resource_code: resource.to_string(),
+            message_id: result.message_id,
+            provider_code: result.provider_code,
+            records: result
+                .records
+                .into_iter()
+                .map(|r| RecordView {
+                    key: r.key,
+                    items: r.items.into_iter().collect(),
+                    updated_at_unix_ms: r.updated_at_unix_ms,
+                })
+                .collect(),
+            not_found: result.not_found,
+            not_found_keys,
+            data_items: result.data_items,
+            masked_items: result.masked_items,
+        }
+    }
+
+    pub fn human(&self) -> String {
+        let dash = |s: String| if s.is_empty() { "-".to_string() } else { s };
+        let mut out = String::new();
+        let _ = writeln!(out, "resource    {}", self.resource_code);
+        let _ = writeln!(out, "provider    {}", dash(self.provider_code.clone()));
+        let _ = writeln!(out, "message id  {}", dash(self.message_id.clone()));
+        let _ = writeln!(out, "masked      {}", dash(self.masked_items.join(", ")));
+        for r in &self.records {
+            out.push('\n');
+            let stored = if r.updated_at_unix_ms > 0 {
+                format!("  (stored {})", format_unix(r.updated_at_unix_ms / 1000))
+            } else {
+                String::new()
+            };
+            let _ = writeln!(out, "{}{stored}", r.key);
+            // Catalog order first (the order the response lists the visible items in), then the rest.
+            let mut t = Table::new(&["item", "value"]);
+            for name in &self.data_items {
+                if let Some(v) = r.items.get(name) {
+                    t.row([name.as_str(), v.as_str()]);
+                }
+            }
+            for (name, v) in &r.items {
+                if !self.data_items.contains(name) {
+                    t.row([name.as_str(), v.as_str()]);
+                }
+            }
+            out.push_str(&t.render());
+        }
+        if !self.not_found_keys.is_empty() {
+            let _ = writeln!(out, "\nnot found: {}", self.not_found_keys.join(", "));
+        }
+        out
+    }
+}
+
+// ---- grants ----
+
+#[derive(Debug, Serialize)]
+pub struct GrantView {
+    pub grant_id: String,
+    pub resource_code: String,
+    pub consumer_code: String,
+    pub provider_code: String,
+    /// `pending`, `approved`, `rejected`, `revoked`, `expired` or `superseded`.
+    pub status: String,
+    pub requested_items: Vec<String>,
+    pub granted_items: Vec<String>,
+    pub purpose: String,
+    pub legal_basis: String,
+    pub requested_by: String,
+    pub requested_at_unix_ms: i64,
+    pub decided_by: String,
+    pub decided_at_unix_ms: i64,
+    pub decision_reason: String,
+    /// 0: does not expire.
+    pub expires_at_unix_ms: i64,
+    pub version: u64,
+}
+
+impl From<Grant> for GrantView {
+    fn from(g: Grant) -> Self {
+        GrantView {
+            status: GRANT_STATUSES.word(g.status),
+            grant_id: g.grant_id,
+            resource_code: g.resource_code,
+            consumer_code: g.consumer_code,
+            provider_code: g.provider_code,
+            requested_items: g.requested_items,
+            granted_items: g.granted_items,
+            purpose: g.purpose,
+            legal_basis: g.legal_basis,
+            requested_by: g.requested_by,
+            requested_at_unix_ms: g.requested_at_unix_ms,
+            decided_by: g.decided_by,
+            decided_at_unix_ms: g.decided_at_unix_ms,
+            decision_reason: g.decision_reason,
+            expires_at_unix_ms: g.expires_at_unix_ms,
+            version: g.version,
+        }
+    }
+}
+
+impl GrantView {
+    /// The granted items once decided, else the requested ones.
+    pub fn items(&self) -> &[String] {
+        if self.granted_items.is_empty() {
+            &self.requested_items
+        } else {
+            &self.granted_items
+        }
+    }
+
+    fn expires(&self) -> String {
+        if self.expires_at_unix_ms == 0 {
+            "never".to_string()
+        } else {
+            format_unix(self.expires_at_unix_ms / 1000)
+        }
+    }
+
+    /// Every field of one grant, for request/approve/reject/revoke.
+    pub fn human(&self) -> String {
+        let at = |by: &str, ms: i64| -> String {
+            match (by.is_empty(), ms > 0) {
+                (false, true) => format!("by {by} at {}", format_unix(ms / 1000)),
+                (false, false) => format!("by {by}"),
+                (true, true) => format!("at {}", format_unix(ms / 1000)),
+                (true, false) => String::new(),
+            }
+        };
+        let rows = [
+            ("grant", self.grant_id.clone()),
+            ("status", self.status.clone()),
+            ("resource", self.resource_code.clone()),
+            ("consumer", self.consumer_code.clone()),
+            ("provider", self.provider_code.clone()),
+            ("requested", self.requested_items.join(", ")),
+            ("requested by", at(&self.requested_by, self.requested_at_unix_ms)),
+            ("purpose", self.purpose.clone()),
+            ("legal basis", self.legal_basis.clone()),
+            ("granted", self.granted_items.join(", ")),
+            ("decided", at(&self.decided_by, self.decided_at_unix_ms)),
+            ("reason", self.decision_reason.clone()),
+            ("expires", if self.status == "pending" || self.status == "rejected" { String::new() } else { self.expires() }),
+        ];
+        rows.iter().filter(|(_, v)| !v.is_empty()).map(|(k, v)| format!("{k:<14}{v}\n")).collect()
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct GrantsView {
+    pub grants: Vec<GrantView>,
+}
+
+impl GrantsView {
+    pub fn human(&self) -> String {
+        if self.grants.is_empty() {
+            return "no grants\n".to_string();
+        }
+        let mut t = Table::new(&["id", "resource", "consumer", "provider", "status", "items", "expires"]).max_width(5, 40);
+        for g in &self.grants {
+            let expires = match g.expires_at_unix_ms {
+                0 if g.status == "pending" || g.status == "rejected" => "-".to_string(),
+                0 => "never".to_string(),
+                ms => format_day_ms(ms),
+            };
+            t.row([
+                g.grant_id.clone(),
+                g.resource_code.clone(),
+                g.consumer_code.clone(),
+                g.provider_code.clone(),
+                g.status.clone(),
+                g.items().join(","),
+                expires,
+            ]);
+        }
+        t.render()
+    }
+}
+
+// ---- audit ----
+
+#[derive(Debug, Serialize)]
+pub struct VerifyView {
+    pub intact: bool,
+    pub entries: u64,
+    pub seals: u64,
+    /// Entries after the last seal.
+    pub unsealed: u64,
+    pub problem: String,
+    pub problem_seq: u64,
+    pub verifying_key_hex: String,
+}
+
+impl From<VerifyAuditResponse> for VerifyView {
+    fn from(v: VerifyAuditResponse) -> Self {
+        VerifyView {
+            intact: v.intact,
+            entries: v.entries,
+            seals: v.seals,
+            unsealed: v.unsealed,
+            problem: v.problem,
+            problem_seq: v.problem_seq,
+            verifying_key_hex: v.verifying_key_hex,
+        }
+    }
+}
+
+impl VerifyView {
+    pub fn human(&self) -> String {
+        let mut out = format!(
+            "entries   {}\nseals     {}\nunsealed  {} (after the last seal)\n",
+            self.entries, self.seals, self.unsealed
+        );
+        if !self.verifying_key_hex.is_empty() {
+            let _ = writeln!(out, "seal key  {}", self.verifying_key_hex);
+        }
+        if self.intact {
+            out.push_str("intact\n");
+        } else {
+            let _ = writeln!(out, "NOT INTACT at entry seq {}: {}", self.problem_seq, self.problem);
+        }
+        out
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct AuditEntryView {
+    pub seq: u64,
+    pub message_id: String,
+    /// `consumer` or `provider`: which side this node was on.
+    pub side: String,
+    pub consumer: String,
+    pub provider: String,
+    /// The department on the other side.
+    pub peer: String,
+    pub resource_code: String,
+    pub key_hash: String,
+    pub data_items: Vec<String>,
+    pub result_code: i32,
+    /// `OK` or the gRPC code name.
+    pub result: String,
+    pub request_bytes: u64,
+    pub response_bytes: u64,
+    pub request_in_us: i64,
+    pub request_out_us: i64,
+    pub response_in_us: i64,
+    pub response_out_us: i64,
+    /// From the request coming in to the response going out; absent when either time is missing.
+    pub total_ms: Option<f64>,
+    pub caller: String,
+    pub purpose: String,
+    pub error: String,
+}
+
+impl From<AuditEntry> for AuditEntryView {
+    fn from(e: AuditEntry) -> Self {
+        let peer = if e.side == "consumer" { e.provider.clone() } else { e.consumer.clone() };
+        let total_ms = (e.request_in_us > 0 && e.response_out_us >= e.request_in_us)
+            .then(|| (e.response_out_us - e.request_in_us) as f64 / 1000.0);
+        AuditEntryView {
+            seq: e.seq,
+            message_id: e.message_id,
+            side: e.side,
+            consumer: e.consumer,
+            provider: e.provider,
+            peer,
+            resource_code: e.resource_code,
+            key_hash: e.key_hash,
+            data_items: e.data_items,
+            result_code: e.result_code,
+            result: code_name(e.result_code),
+            request_bytes: e.request_bytes,
+            response_bytes: e.response_bytes,
+            request_in_us: e.request_in_us,
+            request_out_us: e.request_out_us,
+            response_in_us: e.response_in_us,
+            response_out_us: e.response_out_us,
+            total_ms,
+            caller: e.caller,
+            purpose: e.purpose,
+            error: e.error,
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct AuditView {
+    pub entries: Vec<AuditEntryView>,
+    /// Entries in the whole log.
+    pub total_entries: u64,
+    /// More entries matched than the limit.
+    pub truncated: bool,
+}
+
+impl From<QueryAuditResponse> for AuditView {
+    fn from(r: QueryAuditResponse) -> Self {
+        AuditView {
+            entries: r.entries.into_iter().map(Into::into).collect(),
+            total_entries: r.total_entries,
+            truncated: r.truncated,
+        }
+    }
+}
+
+impl AuditView {
+    pub fn human(&self) -> String {
+        if self.entries.is_empty() {
+            return format!("no matching entries ({} in the log)\n", self.total_entries);
+        }
+        let mut t = Table::new(&[
+            "time (UTC)", "side", "message id", "peer", "resource", "result", "items", "bytes", "total ms",
+        ])
+        .max_width(6, 30)
+        .align(7, Align::Right)
+        .align(8, Align::Right);
+        for e in &self.entries {
+            let time = format_unix(e.request_in_us.div_euclid(1_000_000));
+            t.row([
+                time.trim_end_matches(" UTC").to_string(),
+                e.side.clone(),
+                e.message_id.clone(),
+                e.peer.clone(),
+                e.resource_code.clone(),
+                e.result.clone(),
+                e.data_items.join(","),
+                format!("{}/{}", e.request_bytes, e.response_bytes),
+                e.total_ms.map(|ms| format!("{ms:.1}")).unwrap_or_else(|| "-".into()),
+            ]);
+        }
+        let mut out = t.render();
+        let _ = writeln!(
+            out,
+            "\n{} entr{} shown, newest first ({} in the log); bytes are request/response",
+            self.entries.len(),
+            if self.entries.len() == 1 { "y" } else { "ies" },
+            self.total_entries
+        );
+        if self.truncated {
+            out.push_str("more entries match: narrow the filters or raise --limit\n");
+        }
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -706,5 +1147,147 @@ mod tests {
         e.share_condition = "依据《中华人民共和国税收征收管理法》第八条".into();
         let text = entry_human(&e);
         assert!(text.contains("legal basis     依据"), "{text}");
+    }
+    #[test]
+    fn code_names() {
+        assert_eq!(code_name(0), "OK");
+        assert_eq!(code_name(7), "PERMISSION_DENIED");
+        assert_eq!(code_name(16), "UNAUTHENTICATED");
+        assert_eq!(code_name(99), "CODE_99");
+        assert_eq!(format_day_ms(1_767_225_599_999), "2025-12-31");
+    }
+
+    #[test]
+    fn query_view_tables_items_in_catalog_order_and_lists_masked_and_missing() {
+        use exchange_proto::v1::Record;
+        let result = QueryResult {
+            message_id: "m-1".into(),
+            provider_code: "public-security".into(),
+            records: vec![Record {
+                key: "110105********002X".into(),
+                items: [("公民身份号码", "110105********002X"), ("姓名", "李四"), ("民族", "汉族"), ("备注", "x")]
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                updated_at_unix_ms: 1_767_225_600_000,
+            }],
+            not_found: vec![1],
+            data_items: vec!["公民身份号码".into(), "姓名".into(), "民族".into()],
+            masked_items: vec!["公民身份号码".into()],
+        };
+        let keys = ["11010519491231002X".to_string(), "440524188001010014".to_string()];
+        let view = QueryView::new("201001/000001", &keys, result);
+        assert_eq!(view.not_found_keys, ["440524188001010014"]);
+        let text = view.human();
+        assert!(text.contains("message id  m-1\n"), "{text}");
+        assert!(text.contains("masked      公民身份号码\n"), "{text}");
+        assert!(text.contains("110105********002X  (stored 2026-01-01 00:00:00 UTC)\n"), "{text}");
+        let lines: Vec<&str> = text.lines().collect();
+        let header = lines.iter().position(|l| l.starts_with("item")).unwrap();
+        assert_eq!(lines[header + 1], "公民身份号码  110105********002X");
+        assert_eq!(lines[header + 2], "姓名          李四");
+        assert_eq!(lines[header + 3], "民族          汉族");
+        assert_eq!(lines[header + 4], "备注          x");
+        assert!(text.ends_with("\nnot found: 440524188001010014\n"), "{text}");
+        let json = serde_json::to_value(&view).unwrap();
+        assert_eq!(json["records"][0]["items"]["姓名"], "李四");
+        assert_eq!(json["not_found"][0], 1);
+    }
+
+    fn grant(status: exchange_proto::v1::GrantStatus) -> Grant {
+        Grant {
+            grant_id: "G00000001".into(),
+            resource_code: "101001/000001".into(),
+            consumer_code: "tax".into(),
+            provider_code: "commerce".into(),
+            requested_items: vec!["企业名称".into(), "登记状态".into(), "注册资本".into()],
+            purpose: "纳税人登记核验".into(),
+            status: status as i32,
+            requested_by: "tax-app".into(),
+            requested_at_unix_ms: 1_767_225_600_000,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn grants_table_shows_granted_items_once_decided() {
+        use exchange_proto::v1::GrantStatus;
+        let mut approved = grant(GrantStatus::Approved);
+        approved.grant_id = "G00000002".into();
+        approved.granted_items = vec!["企业名称".into()];
+        approved.expires_at_unix_ms = 1_798_761_599_999;
+        let view = GrantsView { grants: vec![grant(GrantStatus::Pending).into(), approved.into()] };
+        let text = view.human();
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[0].starts_with("id         resource       consumer  provider  status"), "{text}");
+        assert!(lines[1].contains("pending   企业名称,登记状态,注册资本  -"), "{text}");
+        assert!(lines[2].contains("approved  企业名称") && lines[2].ends_with("2026-12-31"), "{text}");
+        assert_eq!(GrantsView { grants: vec![] }.human(), "no grants\n");
+    }
+
+    #[test]
+    fn grant_detail_leaves_out_empty_fields() {
+        let text = GrantView::from(grant(exchange_proto::v1::GrantStatus::Pending)).human();
+        assert!(text.starts_with("grant         G00000001\nstatus        pending\n"), "{text}");
+        assert!(text.contains("requested by  by tax-app at 2026-01-01 00:00:00 UTC\n"), "{text}");
+        assert!(!text.contains("granted") && !text.contains("expires") && !text.contains("legal basis"), "{text}");
+        let mut revoked = grant(exchange_proto::v1::GrantStatus::Revoked);
+        revoked.decision_reason = "协议到期".into();
+        let text = GrantView::from(revoked).human();
+        assert!(text.contains("status        revoked\n") && text.contains("reason        协议到期\n"), "{text}");
+        assert!(text.contains("expires       never\n"), "{text}");
+    }
+
+    #[test]
+    fn verify_view_says_intact_or_where_it_broke() {
+        let ok = VerifyView::from(VerifyAuditResponse { intact: true, entries: 1200, seals: 12, unsealed: 3, ..Default::default() });
+        assert_eq!(ok.human(), "entries   1200\nseals     12\nunsealed  3 (after the last seal)\nintact\n");
+        let bad = VerifyView::from(VerifyAuditResponse {
+            intact: false,
+            entries: 1200,
+            problem: "entry hash does not chain to the previous entry".into(),
+            problem_seq: 517,
+            ..Default::default()
+        });
+        assert!(bad.human().ends_with("NOT INTACT at entry seq 517: entry hash does not chain to the previous entry\n"));
+        assert_eq!(serde_json::to_value(&bad).unwrap()["problem_seq"], 517);
+    }
+
+    #[test]
+    fn audit_table_shows_peer_result_bytes_and_duration() {
+        let entry = AuditEntry {
+            seq: 9,
+            message_id: "m-9".into(),
+            side: "consumer".into(),
+            consumer: "tax".into(),
+            provider: "commerce".into(),
+            resource_code: "101001/000001".into(),
+            data_items: vec!["企业名称".into(), "登记状态".into()],
+            result_code: 7,
+            request_bytes: 120,
+            response_bytes: 0,
+            request_in_us: 1_767_225_600_000_000,
+            response_out_us: 1_767_225_600_012_345,
+            ..Default::default()
+        };
+        let mut provider_side = entry.clone();
+        provider_side.side = "provider".into();
+        provider_side.result_code = 0;
+        provider_side.response_out_us = 0;
+        let view = AuditView::from(QueryAuditResponse { entries: vec![entry, provider_side], total_entries: 50, truncated: true });
+        assert_eq!(view.entries[0].peer, "commerce");
+        assert_eq!(view.entries[1].peer, "tax");
+        assert_eq!(view.entries[0].total_ms, Some(12.345));
+        let text = view.human();
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[0].starts_with("time (UTC)           side      message id  peer      resource       result"), "{text}");
+        assert!(lines[1].starts_with("2026-01-01 00:00:00  consumer  m-9         commerce  101001/000001  PERMISSION_DENIED  企业名称,登记状态"), "{text}");
+        assert!(lines[1].ends_with("120/0      12.3"), "{text}");
+        assert!(lines[2].contains("OK") && lines[2].ends_with("-"), "{text}");
+        assert!(text.contains("2 entries shown, newest first (50 in the log)"), "{text}");
+        assert!(text.contains("raise --limit"), "{text}");
+        let json = serde_json::to_value(&view).unwrap();
+        assert_eq!(json["entries"][0]["result"], "PERMISSION_DENIED");
+        assert_eq!(AuditView { entries: vec![], total_entries: 3, truncated: false }.human(), "no matching entries (3 in the log)\n");
     }
 }
