@@ -40,7 +40,13 @@ pub enum ClientError {
     Tls(#[from] crate::tls::TlsError),
     /// A record in an answer does not have the format its items promise (a bad date, an unknown status).
     #[error("malformed record in the answer: {0}")]
-    BadRecord(#[from] crate::records::RecordError),
+    BadRecord(Box<crate::records::RecordError>),
+}
+
+impl From<crate::records::RecordError> for ClientError {
+    fn from(e: crate::records::RecordError) -> Self {
+        ClientError::BadRecord(Box::new(e))
+    }
 }
 
 fn fmt_retry(retry_after: &Option<Duration>) -> String {

@@ -574,10 +574,7 @@ impl Core {
                 .map(|(i, item)| {
                     Violation::new(
                         format!("granted_items[{i}]"),
-                        format!(
-                            "{item:?} was not requested (requested: {})",
-                            grant.requested_items.join(", ")
-                        ),
+                        format!("{item:?} was not requested (requested: {})", grant.requested_items.join(", ")),
                     )
                 })
                 .collect();
@@ -734,7 +731,10 @@ fn check_grant_text(field: &str, value: &str, required: Option<&str>, out: &mut 
 
 fn check_grant_id(grant_id: &str, out: &mut Vec<Violation>) {
     if parse_grant_id(grant_id).is_none() {
-        out.push(Violation::new("grant_id", format!("must be G followed by 8 digits, e.g. G00000001; got {grant_id:?}")));
+        out.push(Violation::new(
+            "grant_id",
+            format!("must be G followed by 8 digits, e.g. G00000001; got {grant_id:?}"),
+        ));
     }
 }
 

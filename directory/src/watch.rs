@@ -118,15 +118,8 @@ where
     Fut: Future<Output = Result<Vec<T>, StoreError>> + Send + 'static,
     K: Fn(&T) -> bool + Send + Sync + 'static,
 {
-    let state = FeedState {
-        read,
-        keep,
-        versions,
-        shutdown,
-        cursor: from_version,
-        buffered: VecDeque::new(),
-        finished: false,
-    };
+    let state =
+        FeedState { read, keep, versions, shutdown, cursor: from_version, buffered: VecDeque::new(), finished: false };
     Box::pin(futures::stream::unfold(state, |mut s| async move {
         let item = next_change(&mut s).await?;
         Some((item, s))
@@ -146,9 +139,7 @@ where
     loop {
         if *s.shutdown.borrow() {
             let cursor = s.cursor;
-            return s.end(Status::unavailable(format!(
-                "the directory is shutting down; resume from version {cursor}"
-            )));
+            return s.end(Status::unavailable(format!("the directory is shutting down; resume from version {cursor}")));
         }
         if let Some(change) = s.buffered.pop_front() {
             let version = change.version();

@@ -80,7 +80,12 @@ async fn decide(client: &mut Client, req: DecideGrantRequest) -> Result<Grant, S
     client.decide_grant(req).await.map(|r| r.into_inner())
 }
 
-async fn approve(client: &mut Client, grant_id: &str, items: &[&str], expires_at_unix_ms: i64) -> Result<Grant, Status> {
+async fn approve(
+    client: &mut Client,
+    grant_id: &str,
+    items: &[&str],
+    expires_at_unix_ms: i64,
+) -> Result<Grant, Status> {
     decide(
         client,
         DecideGrantRequest {
@@ -286,11 +291,14 @@ async fn bad_input_names_each_field_and_stores_nothing() {
 
     let cases: Vec<(RequestGrantRequest, Vec<&str>)> = vec![
         (RequestGrantRequest { data_items: vec![], ..base.clone() }, vec!["data_items"]),
-        (RequestGrantRequest { data_items: strings(&[ITEMS[0], ITEMS[1], ITEMS[0]]), ..base.clone() }, vec!["data_items[2]"]),
-        (RequestGrantRequest { data_items: strings(&[ITEMS[0], "身份证号", ITEMS[1], ""]), ..base.clone() }, vec![
-            "data_items[1]",
-            "data_items[3]",
-        ]),
+        (
+            RequestGrantRequest { data_items: strings(&[ITEMS[0], ITEMS[1], ITEMS[0]]), ..base.clone() },
+            vec!["data_items[2]"],
+        ),
+        (
+            RequestGrantRequest { data_items: strings(&[ITEMS[0], "身份证号", ITEMS[1], ""]), ..base.clone() },
+            vec!["data_items[1]", "data_items[3]"],
+        ),
         (RequestGrantRequest { purpose: " ".into(), legal_basis: String::new(), ..base.clone() }, vec!["purpose"]),
         (RequestGrantRequest { purpose: "用".repeat(501), ..base.clone() }, vec!["purpose"]),
         (RequestGrantRequest { legal_basis: "第一条\n第二条".into(), ..base.clone() }, vec!["legal_basis"]),
@@ -533,7 +541,8 @@ async fn each_department_sees_its_own_grants_and_the_central_team_all() {
     assert_eq!(ids(&list(&mut police, side("provider")).await), [i3]);
     let by_code = ListGrantsRequest { resource_code: code(2), ..Default::default() };
     assert_eq!(ids(&list(&mut tax, by_code).await), [i2]);
-    let pending = ListGrantsRequest { status: GrantStatus::Pending as i32, side: "provider".into(), ..Default::default() };
+    let pending =
+        ListGrantsRequest { status: GrantStatus::Pending as i32, side: "provider".into(), ..Default::default() };
     assert_eq!(ids(&list(&mut tax, pending).await), [i1]);
 }
 
@@ -567,10 +576,7 @@ async fn grant_watch_replays_resumes_and_follows_live_for_its_department() {
     let mut tax_node = f.client_as("tax", Role::Node);
     let mut tax_stream = tax_node.watch_grants(WatchGrantsRequest { from_version: 0 }).await.unwrap().into_inner();
     let seen = changes(&mut tax_stream, 3).await;
-    assert_eq!(
-        summary(&seen),
-        [(1, GrantStatus::Pending), (2, GrantStatus::Pending), (3, GrantStatus::Approved)]
-    );
+    assert_eq!(summary(&seen), [(1, GrantStatus::Pending), (2, GrantStatus::Pending), (3, GrantStatus::Approved)]);
     assert_eq!(seen[2].grant.as_ref().unwrap().granted_items, strings(&ITEMS[..1]));
     // a consumer's node only its own department's grants
     let mut police_node = f.client_as("police", Role::Node);
@@ -720,10 +726,13 @@ async fn restart_keeps_grants_ids_versions_and_revocation_versions() {
     let rev_reader = tokio::spawn(async move { rev_stream.message().await });
     tokio::time::sleep(Duration::from_millis(100)).await;
     dir.stop().await;
-    for ended in [grant_reader.await.unwrap().map(|_| ()), rev_reader.await.unwrap().map(|_| ())] {
-        match ended {
-            Err(status) => assert_eq!(status.code(), Code::Unavailable, "{status:?}"),
-            Ok(()) => {}
+    let grant_end = grant_reader.await.unwrap().map(|c| c.map(|c| c.version));
+    let rev_end = rev_reader.await.unwrap().map(|r| r.map(|r| r.version));
+    for ended in [grant_end, rev_end] {
+        if let Err(status) = &ended {
+            assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        } else {
+            assert_eq!(ended.unwrap(), None, "no change was expected");
         }
     }
 

@@ -89,7 +89,8 @@ fn audit_verify_tampered_entry_exits_1_and_names_it() {
 #[test]
 fn audit_verify_errors_exit_2() {
     let empty = tempfile::tempdir().unwrap();
-    let out = verify_cmd(empty.path(), Some(&"ab".repeat(32)));
+    let some_key = AuditKeys::from_secrets([1; 32], [2; 32]).verifying_key_hex();
+    let out = verify_cmd(empty.path(), Some(&some_key));
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no node database"), "{}", text(&out));
 

@@ -5,10 +5,15 @@
 //! - [`procs`]: finding and starting the real binaries (`directory`, `exchange-node`, `exchangectl`)
 //!   with generated configs, and stopping them (gracefully or with SIGKILL).
 //! - [`workload`]: realistic generated catalog entries (Chinese names, summaries, data items).
-//! - [`load`]: a closed-loop load generator with exact latency percentiles.
+//! - [`load`]: closed-loop and open-loop load generators with exact latency percentiles.
 //! - [`echo`]: the bare mutual-TLS echo server every benchmark figure is compared with.
+//! - [`forwarder`]: the bare two-hop mutual-TLS forwarder the record relay is compared with.
+//! - [`federation`]: the real directory and department nodes served in process, and generated
+//!   enterprise records to load into them.
 
 pub mod echo;
+pub mod federation;
+pub mod forwarder;
 pub mod load;
 pub mod pki;
 pub mod procs;

@@ -70,3 +70,92 @@ where
     latencies.sort_unstable();
     LoadStats { calls: latencies.len() as u64, errors: errors.load(Ordering::Relaxed), elapsed, latencies }
 }
+
+/// What an open-loop run measured.
+#[derive(Clone, Debug, Default)]
+pub struct OpenLoopStats {
+    /// Calls per second asked for.
+    pub rate: f64,
+    /// Calls scheduled (rate × duration).
+    pub scheduled: u64,
+    /// Calls not issued because `max_outstanding` calls were already waiting (the system could not keep
+    /// up); 0 in a valid run.
+    pub dropped: u64,
+    /// Completed calls; latencies are from each call's *scheduled* send time to its answer.
+    pub stats: LoadStats,
+}
+
+/// Open loop: issues `call(i)` at a fixed `rate` per second for `duration`, each call at its scheduled
+/// time whatever the earlier calls are doing, and measures each call's latency from its scheduled send
+/// time, so a stall delays (and counts against) every call scheduled during it instead of hiding them
+/// (no coordinated omission).
+///
+/// The schedule is kept by a dedicated OS thread with `std::thread::sleep` (tens of µs of precision,
+/// where tokio's timer has 1 ms), which hands each call to the runtime as a task at its time.
+pub async fn run_open<F, Fut, E>(rate: f64, duration: Duration, max_outstanding: usize, call: F) -> OpenLoopStats
+where
+    F: Fn(u64) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), E>> + Send + 'static,
+    E: std::fmt::Debug + Send + 'static,
+{
+    assert!(rate > 0.0, "rate must be positive");
+    let scheduled = (duration.as_secs_f64() * rate) as u64;
+    let runtime = tokio::runtime::Handle::current();
+    let call = Arc::new(call);
+    let outstanding = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let latencies = Arc::new(std::sync::Mutex::new(Vec::with_capacity(scheduled as usize)));
+    let dispatcher = {
+        let (outstanding, errors, latencies) = (outstanding.clone(), errors.clone(), latencies.clone());
+        std::thread::Builder::new()
+            .name("open-loop".into())
+            .spawn(move || {
+                let start = Instant::now();
+                let mut tasks = Vec::with_capacity(scheduled as usize);
+                let mut dropped = 0u64;
+                for i in 0..scheduled {
+                    let due = start + Duration::from_secs_f64(i as f64 / rate);
+                    let now = Instant::now();
+                    if due > now {
+                        std::thread::sleep(due - now);
+                    }
+                    if outstanding.load(Ordering::Relaxed) >= max_outstanding as u64 {
+                        dropped += 1;
+                        continue;
+                    }
+                    outstanding.fetch_add(1, Ordering::Relaxed);
+                    let (call, outstanding, errors, latencies) =
+                        (call.clone(), outstanding.clone(), errors.clone(), latencies.clone());
+                    tasks.push(runtime.spawn(async move {
+                        let result = call(i).await;
+                        let latency = due.elapsed();
+                        outstanding.fetch_sub(1, Ordering::Relaxed);
+                        match result {
+                            Ok(()) => latencies.lock().expect("latencies").push(latency),
+                            Err(e) => {
+                                if errors.fetch_add(1, Ordering::Relaxed) < 3 {
+                                    eprintln!("call {i} failed: {e:?}");
+                                }
+                            }
+                        }
+                    }));
+                }
+                (start, tasks, dropped)
+            })
+            .expect("open-loop thread")
+    };
+    let (start, tasks, dropped) =
+        tokio::task::spawn_blocking(move || dispatcher.join().expect("open-loop thread")).await.expect("join");
+    for t in tasks {
+        t.await.expect("open-loop call task");
+    }
+    let elapsed = start.elapsed();
+    let mut latencies = std::mem::take(&mut *latencies.lock().expect("latencies"));
+    latencies.sort_unstable();
+    OpenLoopStats {
+        rate,
+        scheduled,
+        dropped,
+        stats: LoadStats { calls: latencies.len() as u64, errors: errors.load(Ordering::Relaxed), elapsed, latencies },
+    }
+}

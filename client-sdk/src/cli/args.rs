@@ -209,9 +209,10 @@ pub struct AuditQueryArgs {
     /// ok, error, or a gRPC code name (PERMISSION_DENIED, NOT_FOUND...).
     #[arg(long, value_name = "ok|error|CODE")]
     pub result: Option<String>,
-    /// Only calls for this record key (the node matches its keyed hash; keys are never stored).
+    /// Only calls for this record key (the node matches its keyed hash; keys are never stored). Not
+    /// `--key`: that is the private key of the certificate.
     #[arg(long, value_name = "KEY")]
-    pub key: Option<String>,
+    pub record_key: Option<String>,
     /// Only this relay message id.
     #[arg(long, value_name = "ID")]
     pub message_id: Option<String>,

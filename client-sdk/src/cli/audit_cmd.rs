@@ -42,7 +42,7 @@ pub(super) fn query_request(args: &AuditQueryArgs, now_ms: i64) -> Result<QueryA
         peer: args.peer.clone().unwrap_or_default(),
         resource_code: args.resource.clone().unwrap_or_default(),
         result: args.result.as_deref().map(result_filter).transpose()?.unwrap_or_default(),
-        record_key: args.key.clone().unwrap_or_default(),
+        record_key: args.record_key.clone().unwrap_or_default(),
         message_id: args.message_id.clone().unwrap_or_default(),
         limit: args.limit.unwrap_or(0),
     })
@@ -126,7 +126,7 @@ mod tests {
         let r = query_request(
             &args(&[
                 "--since", "1d", "--until", "2026-01-01T00:00:00Z", "--peer", "commerce", "--resource", "101001/000001",
-                "--result", "permission_denied", "--key", "91350100M000100Y43", "--message-id", "m-1", "--limit", "50",
+                "--result", "permission_denied", "--record-key", "91350100M000100Y43", "--message-id", "m-1", "--limit", "50",
             ]),
             NOW,
         )

@@ -434,11 +434,7 @@ impl SledRevocationStore {
         let tree = db.open_tree("revocations").map_err(backend)?;
         check_schema(&tree, "revocations")?;
         let version = Self::migrate_unversioned(&tree, log_head(&tree, "revocations")?)?;
-        Ok(SledRevocationStore {
-            tree,
-            write_lock: tokio::sync::Mutex::new(version),
-            durable: AtomicU64::new(version),
-        })
+        Ok(SledRevocationStore { tree, write_lock: tokio::sync::Mutex::new(version), durable: AtomicU64::new(version) })
     }
 
     /// Revocations stored before the log existed sit under the bare serial (hex, so never a `/` in the key)
@@ -669,9 +665,8 @@ impl GrantStore for SledGrantStore {
             for kv in tree.scan_prefix(GRANT_PREFIX).rev() {
                 let (k, v) = kv.map_err(backend)?;
                 let grant: Grant = decode(&k, &v)?;
-                let visible = department
-                    .as_deref()
-                    .is_none_or(|d| grant.provider_code == d || grant.consumer_code == d);
+                let visible =
+                    department.as_deref().is_none_or(|d| grant.provider_code == d || grant.consumer_code == d);
                 if visible {
                     out.push(grant);
                 }
@@ -795,7 +790,10 @@ mod tests {
         let stores = open(dir.path()).unwrap();
         assert_eq!(stores.revocations.current_version().await.unwrap(), 2);
         let by_serial = stores.revocations.list().await.unwrap();
-        assert_eq!(by_serial.iter().map(|r| (r.serial_hex.as_str(), r.version)).collect::<Vec<_>>(), [("0a", 2), ("0b", 1)]);
+        assert_eq!(
+            by_serial.iter().map(|r| (r.serial_hex.as_str(), r.version)).collect::<Vec<_>>(),
+            [("0a", 2), ("0b", 1)]
+        );
         let log = stores.revocations.changes_since(0, 10).await.unwrap();
         assert_eq!(log.iter().map(|r| (r.serial_hex.as_str(), r.version)).collect::<Vec<_>>(), [("0b", 1), ("0a", 2)]);
         assert_eq!(stores.revocations.changes_since(1, 10).await.unwrap().len(), 1);

@@ -76,7 +76,8 @@ pub fn disclosure(entry: &CatalogEntry, granted_items: Option<&[String]>) -> Dis
 /// `record` as it may leave the node: only the items of `d`, masked ones masked, and the key masked too
 /// when it is an identity number the consumer may not see in full.
 pub fn apply(d: &Disclosure, entry: &CatalogEntry, mut record: Record) -> Record {
-    record.items.retain(|name, _| d.data_items.iter().any(|n| n == name));
+    let allowed: HashSet<&str> = d.data_items.iter().map(String::as_str).collect();
+    record.items.retain(|name, _| allowed.contains(name.as_str()));
     for name in &d.masked_items {
         if let Some(value) = record.items.get_mut(name) {
             *value = mask_identity_number(value);

@@ -4,6 +4,8 @@
 //! ```sh
 //! cargo run --release -p e2e-tests --bin bench                 # full run (100,000 entries)
 //! cargo run --release -p e2e-tests --bin bench -- --entries 20000 --seconds 3
+//! cargo run --release -p e2e-tests --bin bench -- --only catalog   # echo, publish, search, restart
+//! cargo run --release -p e2e-tests --bin bench -- --only relay     # record relay vs a bare forwarder
 //! ```
 //!
 //! Everything runs in this process over real mutual TLS on 127.0.0.1 (client and servers share the cores,
@@ -16,15 +18,21 @@ use std::sync::Arc;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::time::{Duration, Instant};
 
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 use client_sdk::identity::Role;
 use client_sdk::tls::{self, TlsIdentity};
-use e2e_tests::load::{self, LoadStats};
+use e2e_tests::federation;
+use e2e_tests::forwarder::{self, Backend, ForwarderPair};
+use e2e_tests::load::{self, LoadStats, OpenLoopStats};
 use e2e_tests::pki::TestPki;
 use e2e_tests::workload;
 use exchange_proto::v1::directory_client::DirectoryClient;
 use exchange_proto::v1::echo_client::EchoClient;
-use exchange_proto::v1::{EchoMessage, PublishEntriesRequest, SearchCatalogRequest, ShareType};
+use exchange_proto::v1::exchange_node_client::ExchangeNodeClient;
+use exchange_proto::v1::{
+    EchoMessage, PublishEntriesRequest, PutRecordsRequest, QueryRecordsRequest, QueryRecordsResponse,
+    SearchCatalogRequest, ShareType,
+};
 use prost::Message;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -51,6 +59,20 @@ struct Args {
     /// Connections the load is spread over.
     #[arg(long, default_value_t = 4)]
     connections: usize,
+    /// Run one section only (default: all).
+    #[arg(long, value_enum)]
+    only: Option<Section>,
+    /// Records loaded into the provider's node for the relay section.
+    #[arg(long, default_value_t = 10_000)]
+    records: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Section {
+    /// Echo baseline, publish, search, restart (the directory's catalog).
+    Catalog,
+    /// Record relay between two department nodes, against a bare two-hop forwarder.
+    Relay,
 }
 
 struct Row {
@@ -87,7 +109,12 @@ fn rate_row(name: &str, value: f64, unit: &str, base_name: &str, base: f64, targ
 }
 
 async fn channels(addr: &str, id: &TlsIdentity, n: usize) -> anyhow::Result<Vec<Channel>> {
-    let config = tls::client_config(id, &[Role::Directory])?;
+    channels_to(addr, id, &[Role::Directory], n).await
+}
+
+/// `n` channels (one TLS connection each) to a server with one of `roles`.
+async fn channels_to(addr: &str, id: &TlsIdentity, roles: &[Role], n: usize) -> anyhow::Result<Vec<Channel>> {
+    let config = tls::client_config(id, roles)?;
     let mut out = Vec::new();
     for _ in 0..n {
         out.push(tls::connect(addr, config.clone()).await?);
@@ -186,11 +213,28 @@ async fn main() -> anyhow::Result<()> {
     tls::install_crypto_provider();
     let tmp = tempfile::tempdir()?;
     let pki = TestPki::new(&tmp.path().join("pki"));
+    let mut rows: Vec<Row> = Vec::new();
+    println!("gov-exchange benchmark: {} s per phase, {} cores", args.seconds, num_cpus());
+    if args.only.is_none_or(|s| s == Section::Catalog) {
+        catalog_section(&args, &pki, tmp.path(), &mut rows).await?;
+    }
+    if args.only.is_none_or(|s| s == Section::Relay) {
+        relay_section(&args, &pki, tmp.path(), &mut rows).await?;
+    }
+
+    println!("\n| figure | measured | baseline (same run) | ratio | target |\n|---|---|---|---|---|");
+    for r in rows {
+        println!("| {} | {} | {} | {} | {} |", r.figure, r.value, r.baseline, r.ratio, r.target);
+    }
+    Ok(())
+}
+
+/// Echo baseline, publish, search and restart of the directory's catalog.
+async fn catalog_section(args: &Args, pki: &TestPki, tmp: &std::path::Path, rows: &mut Vec<Row>) -> anyhow::Result<()> {
     let dir_paths = pki.issue("central", Role::Directory, "directory");
     let reader = pki.identity("central", Role::Operator, "bench-reader");
     let phase = Duration::from_secs(args.seconds);
-    let mut rows: Vec<Row> = Vec::new();
-    println!("gov-exchange benchmark: {} entries, {} s per phase, {} cores", args.entries, args.seconds, num_cpus());
+    println!("catalog: {} entries", args.entries);
 
     // Baseline: a bare mTLS echo of 300 bytes on the same TLS stack.
     let echo_listener = TcpListener::bind("127.0.0.1:0").await?;
@@ -227,10 +271,10 @@ async fn main() -> anyhow::Result<()> {
         dept_batches.push(all.chunks(args.batch).map(|c| c.to_vec()).collect());
     }
     let total_entries = per_dept * depts;
-    let sled_rate = sled_baseline(&tmp.path().join("sled-baseline"), &dept_batches.concat())?;
+    let sled_rate = sled_baseline(&tmp.join("sled-baseline"), &dept_batches.concat())?;
     let in_process = index_only_search(&dept_batches, phase)?;
 
-    let data_dir = tmp.path().join("directory");
+    let data_dir = tmp.join("directory");
     let config = directory::config::Config::new("127.0.0.1:0", &data_dir, dir_paths.clone());
     let (running, _) = start_directory(config.clone()).await?;
     let started = Instant::now();
@@ -329,14 +373,259 @@ async fn main() -> anyhow::Result<()> {
     running.shutdown().await?;
     let _ = echo_stop.send(());
     let _ = echo_task.await;
-
-    println!("\n| figure | measured | baseline (same run) | ratio | target |\n|---|---|---|---|---|");
-    for r in rows {
-        println!("| {} | {} | {} | {} | {} |", r.figure, r.value, r.baseline, r.ratio, r.target);
-    }
     Ok(())
 }
 
 fn num_cpus() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Record relay (issue 3)
+
+/// The unconditional resource of the commerce sample catalog the relay section reads (企业登记信息).
+const RELAY_RESOURCE: &str = "101001/000001";
+const RELAY_PURPOSE: &str = "企业信用核查";
+
+/// Record `i` of a run: a pseudo-random key index (splitmix64), the same sequence for both systems.
+fn key_index(i: u64, n: usize) -> usize {
+    let mut z = i.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    ((z ^ (z >> 31)) % n as u64) as usize
+}
+
+fn one_key_query(key: &str) -> QueryRecordsRequest {
+    QueryRecordsRequest { resource_code: RELAY_RESOURCE.into(), keys: vec![key.to_string()], purpose: RELAY_PURPOSE.into() }
+}
+
+fn check_answer(resp: &QueryRecordsResponse, key: &str) -> Result<(), tonic::Status> {
+    match resp.records.first() {
+        Some(r) if resp.records.len() == 1 && r.key == key && !r.items.is_empty() => Ok(()),
+        _ => Err(tonic::Status::internal(format!("unexpected answer for {key}: {} records", resp.records.len()))),
+    }
+}
+
+fn open_loop_line(name: &str, o: &OpenLoopStats) -> String {
+    format!(
+        "{name}: {:.0}/s offered (open loop), {} of {} answered, {} errors, {} not sent (overload); p50 {} p99 {} p99.9 {} max {}",
+        o.rate,
+        o.stats.calls,
+        o.scheduled,
+        o.stats.errors,
+        o.dropped,
+        ms(o.stats.percentile(50.0)),
+        ms(o.stats.percentile(99.0)),
+        ms(o.stats.percentile(99.9)),
+        ms(o.stats.latencies.last().copied().unwrap_or_default()),
+    )
+}
+
+/// The record relay: application → tax's node → commerce's node (authorization, disclosure, audit on
+/// both) → record store → back, against a bare two-hop mTLS forwarder answering the same records from a
+/// `HashMap`; closed-loop throughput at `concurrency` in flight, then open-loop latency at half of each
+/// system's own peak.
+async fn relay_section(args: &Args, pki: &TestPki, tmp: &std::path::Path, rows: &mut Vec<Row>) -> anyhow::Result<()> {
+    let phase = Duration::from_secs(args.seconds);
+    let warm_up = Duration::from_secs(2.min(args.seconds));
+    println!("relay: {} records of {RELAY_RESOURCE} at commerce, queried by tax, one random key per call", args.records);
+
+    // ---- the real federation: directory, commerce (provider), tax (consumer) ----
+    let setup = Instant::now();
+    let directory = federation::start_directory(pki, &tmp.join("relay-directory")).await?;
+    let commerce = federation::start_node(
+        pki,
+        "commerce",
+        &directory.addr,
+        &tmp.join("relay-commerce"),
+        Some(federation::sample_catalog("commerce")),
+    )
+    .await?;
+    let tax =
+        federation::start_node(pki, "tax", &directory.addr, &tmp.join("relay-tax"), Some(federation::sample_catalog("tax")))
+            .await?;
+    let reader = pki.identity("central", Role::Operator, "bench-reader");
+    let central = client_sdk::client::directory_client(&directory.addr, &reader)?;
+    federation::wait_for("commerce's catalog in the directory", Duration::from_secs(60), || {
+        let mut c = central.clone();
+        async move { (federation::provider_entries(&mut c, "commerce").await > 0).then_some(()) }
+    })
+    .await?;
+    for dept in ["commerce", "tax"] {
+        federation::wait_for(&format!("{dept}'s node online"), Duration::from_secs(60), || {
+            let mut c = central.clone();
+            async move { federation::node_online(&mut c, dept).await.then_some(()) }
+        })
+        .await?;
+    }
+    let ready = setup.elapsed();
+
+    // ---- load the records through commerce's node (validated, durable per batch) ----
+    let records = federation::enterprise_records(args.records, 2026);
+    let commerce_app = pki.identity("commerce", Role::App, "commerce-app");
+    let mut loader = client_sdk::client::node_client(&commerce.addr, &commerce_app)?;
+    let load_started = Instant::now();
+    for (b, batch) in records.chunks(1_000).enumerate() {
+        let req = PutRecordsRequest { resource_code: RELAY_RESOURCE.into(), records: batch.to_vec() };
+        if b == 0 {
+            // The node may not hold its own catalog entry yet; it asks the directory, which may lag.
+            federation::wait_for("commerce's node to accept records", Duration::from_secs(30), || {
+                let (mut l, req) = (loader.clone(), req.clone());
+                async move {
+                    match l.put_records(req).await {
+                        Ok(_) => Some(()),
+                        Err(e) if e.code() == tonic::Code::InvalidArgument => panic!("records refused: {e:?}"),
+                        Err(_) => None,
+                    }
+                }
+            })
+            .await?;
+        } else {
+            loader.put_records(req).await?;
+        }
+    }
+    let load_time = load_started.elapsed();
+    println!(
+        "federation ready in {:.2} s; {} records loaded in {:.2} s ({:.0} records/s, 1,000 per durable batch)",
+        ready.as_secs_f64(),
+        records.len(),
+        load_time.as_secs_f64(),
+        records.len() as f64 / load_time.as_secs_f64()
+    );
+
+    // ---- the baseline: forwarder → backend with the same records, as the provider stores them ----
+    let stored = federation::as_stored(&records, now_unix_ms());
+    let data_items: Vec<String> = {
+        // The entry's data items in catalog order, as the provider's node lists them for an unconditional
+        // resource.
+        let file = client_sdk::catalog::CatalogFile::load_entries(&federation::sample_catalog("commerce"))?;
+        let entry = file.iter().find(|e| e.resource_code == RELAY_RESOURCE).expect("the sample catalog has the resource");
+        entry.data_items.iter().map(|d| d.name.clone()).collect()
+    };
+    let pair = ForwarderPair::start(
+        pki.identity("commerce", Role::Node, "bench-backend-commerce"),
+        pki.identity("tax", Role::Node, "bench-forwarder-tax"),
+        Backend::new(stored, "commerce", data_items),
+    )
+    .await?;
+
+    // ---- clients: the same application certificate, the same number of connections, for both ----
+    let tax_app = pki.identity("tax", Role::App, "tax-app");
+    let keys: Arc<Vec<String>> = Arc::new(records.iter().map(|r| r.key.clone()).collect());
+    let relay_clients: Arc<Vec<ExchangeNodeClient<Channel>>> = Arc::new(
+        channels_to(&tax.addr, &tax_app, &[Role::Node], args.connections)
+            .await?
+            .into_iter()
+            .map(|c| {
+                ExchangeNodeClient::new(c)
+                    .max_decoding_message_size(exchange_proto::limits::MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(exchange_proto::limits::MAX_MESSAGE_BYTES)
+            })
+            .collect(),
+    );
+    let forwarder_clients = Arc::new(
+        channels_to(&pair.addr, &tax_app, &[Role::Node], args.connections)
+            .await?
+            .into_iter()
+            .map(forwarder::client_on)
+            .collect::<Vec<_>>(),
+    );
+    let relay_call = {
+        let (clients, keys) = (relay_clients.clone(), keys.clone());
+        move |i: u64| {
+            let mut c = clients[i as usize % clients.len()].clone();
+            let key = keys[key_index(i, keys.len())].clone();
+            async move {
+                let resp = c.query_records(one_key_query(&key)).await?.into_inner();
+                check_answer(&resp, &key)
+            }
+        }
+    };
+    let forwarder_call = {
+        let (clients, keys) = (forwarder_clients.clone(), keys.clone());
+        move |i: u64| {
+            let mut c = clients[i as usize % clients.len()].clone();
+            let key = keys[key_index(i, keys.len())].clone();
+            async move {
+                let resp = c.query_records(one_key_query(&key)).await?.into_inner();
+                check_answer(&resp, &key)
+            }
+        }
+    };
+
+    // The relay works end to end (the consumer resolves the provider through the directory on first use).
+    let first = federation::wait_for("the first relayed answer", Duration::from_secs(30), || {
+        let mut c = relay_clients[0].clone();
+        let key = keys[0].clone();
+        async move { c.query_records(one_key_query(&key)).await.ok().map(|r| r.into_inner()) }
+    })
+    .await?;
+    let mut f = forwarder_clients[0].clone();
+    let base = f.query_records(one_key_query(&keys[0])).await?.into_inner();
+    check_answer(&first, &keys[0]).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    check_answer(&base, &keys[0]).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    anyhow::ensure!(
+        first.records[0].items == base.records[0].items && first.data_items == base.data_items,
+        "the forwarder's backend answers differently from the relay"
+    );
+    use prost::Message as _;
+    println!(
+        "answer sizes: relay {} B, forwarder {} B (request {} B)",
+        first.encoded_len(),
+        base.encoded_len(),
+        one_key_query(&keys[0]).encoded_len()
+    );
+
+    // ---- throughput, closed loop; the two systems alternate so drift on the machine hits both ----
+    let _ = load::run(8, u64::MAX, warm_up, forwarder_call.clone()).await;
+    let fwd_heavy = load::run(args.concurrency, u64::MAX, phase, forwarder_call.clone()).await;
+    println!("forwarder: {:.0}/s at {} in flight ({} errors)", fwd_heavy.per_second(), args.concurrency, fwd_heavy.errors);
+    let _ = load::run(8, u64::MAX, warm_up, relay_call.clone()).await;
+    let relay_heavy = load::run(args.concurrency, u64::MAX, phase, relay_call.clone()).await;
+    println!("relay: {:.0}/s at {} in flight ({} errors)", relay_heavy.per_second(), args.concurrency, relay_heavy.errors);
+
+    // ---- latency, open loop at half of each system's own peak ----
+    let fwd_rate = (fwd_heavy.per_second() / 2.0).max(1.0);
+    let relay_rate = (relay_heavy.per_second() / 2.0).max(1.0);
+    let max_outstanding = 4 * args.concurrency.max(64);
+    let fwd_open = load::run_open(fwd_rate, phase, max_outstanding, forwarder_call.clone()).await;
+    println!("{}", open_loop_line("forwarder", &fwd_open));
+    let relay_open = load::run_open(relay_rate, phase, max_outstanding, relay_call.clone()).await;
+    println!("{}", open_loop_line("relay", &relay_open));
+
+    rows.push(rate_row(
+        &format!("relay throughput, 1 key per query ({} in flight, {} connections)", args.concurrency, args.connections),
+        relay_heavy.per_second(),
+        "queries/s",
+        "forwarder",
+        fwd_heavy.per_second(),
+        "≥ 60% of forwarder",
+    ));
+    for (p, target) in [(50.0, ""), (99.0, "≤ 5 ms"), (99.9, "")] {
+        let (v, b) = (relay_open.stats.percentile(p), fwd_open.stats.percentile(p));
+        rows.push(Row {
+            figure: format!("relay latency p{p} at half its peak ({:.0}/s, open loop)", relay_open.rate),
+            value: ms(v),
+            baseline: format!("forwarder {} at {:.0}/s", ms(b), fwd_open.rate),
+            ratio: format!("{:.2}×", v.as_secs_f64() / b.as_secs_f64().max(1e-9)),
+            target: target.into(),
+        });
+    }
+    for (name, o) in [("relay", &relay_open), ("forwarder", &fwd_open)] {
+        if o.stats.errors > 0 || o.dropped > 0 {
+            println!("warning: {name} open loop had {} errors and {} calls not sent", o.stats.errors, o.dropped);
+        }
+    }
+
+    drop(relay_clients);
+    drop(forwarder_clients);
+    pair.shutdown().await?;
+    tax.stop().await?;
+    commerce.stop().await?;
+    directory.stop().await?;
+    Ok(())
+}
+
+fn now_unix_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
