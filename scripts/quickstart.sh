@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
-# Starts a local gov-exchange: a directory and three department nodes (tax, commerce, quality) on embedded
-# sled stores, with a freshly generated PKI; publishes the sample catalogs in deploy/local/catalog/, shows a
-# few searches, and keeps running until Ctrl-C.
+# Starts a local gov-exchange: a directory and four department nodes (tax, commerce, quality, police) on
+# embedded sled stores, with a freshly generated PKI; publishes the sample catalogs in deploy/local/catalog/,
+# loads the sample records in deploy/local/records/, shows searches, record exchange (unconditional,
+# conditional with a grant, a population record with the identity number masked) and the audit trail, and
+# keeps running until Ctrl-C.
 #
 # State (PKI, configs, stores, logs) goes to $GX_HOME (default ./.quickstart), wiped at each start.
-# Ports: directory $GX_DIRECTORY_PORT (7400), nodes 7401-7403 (override with GX_BASE_PORT).
+# Ports: directory $GX_DIRECTORY_PORT (7400), nodes 7401-7404 (override with GX_BASE_PORT).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 GX_HOME=${GX_HOME:-$ROOT/.quickstart}
 DIR_PORT=${GX_DIRECTORY_PORT:-7400}
 BASE_PORT=${GX_BASE_PORT:-7401}
-DEPTS=(tax commerce quality)
+DEPTS=(tax commerce quality police)
 
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
@@ -68,8 +70,12 @@ say "Starting the directory on 127.0.0.1:$DIR_PORT"
 "$BIN/directory" --config "$GX_HOME/config/directory.toml" >"$GX_HOME/logs/directory.log" 2>&1 &
 PIDS+=($!)
 
-export EXCHANGE_CA=$PKI/ca.crt EXCHANGE_CERT=$PKI/central-operator.crt EXCHANGE_KEY=$PKI/central-operator.key
-export EXCHANGE_DIRECTORY=127.0.0.1:$DIR_PORT
+export EXCHANGE_PKI_DIR=$PKI EXCHANGE_IDENTITY=central-operator EXCHANGE_DIRECTORY=127.0.0.1:$DIR_PORT
+# `as NAME NODE-DEPT args...`: exchangectl as certificate NAME, talking to NODE-DEPT's node.
+declare -A NODE_PORT
+port=$BASE_PORT
+for d in "${DEPTS[@]}"; do NODE_PORT[$d]=$port; port=$((port + 1)); done
+as() { local who=$1 dept=$2; shift 2; "$CTL" --identity "$who" --node "127.0.0.1:${NODE_PORT[$dept]}" "$@"; }
 for _ in $(seq 100); do "$CTL" whoami >/dev/null 2>&1 && break; sleep 0.1; done
 
 port=$BASE_PORT
@@ -110,19 +116,56 @@ say "Search: everything in class 1 (base resources), first page"
 say "Resolve: who provides 101001/000001 (企业登记信息), and where"
 "$CTL" catalog resolve 101001/000001
 
+say "Records: commerce and police load their records into their own nodes (前置库)"
+as commerce-app commerce records put --resource 101001/000001 --file "$ROOT/deploy/local/records/commerce-enterprises.json"
+as commerce-app commerce records put --resource 302001/000001 --file "$ROOT/deploy/local/records/commerce-penalties.json"
+as police-app police records put --resource 102001/000001 --file "$ROOT/deploy/local/records/police-population.json"
+
+say "Tax reads commerce's enterprise registration (unconditional) by credit code, through its own node"
+as tax-app tax records get --resource 101001/000001 91350100M000100Y43 --purpose "纳税人登记信息核对"
+
+say "Quality asks for commerce's administrative penalties (conditional): refused, no grant yet"
+as quality-app quality records get --resource 302001/000001 91350100M000100Y43 --purpose "抽查对象信用核查" || true
+
+say "Quality requests access; commerce approves fewer items than asked"
+GRANT=$(as quality-app quality --json grants request --resource 302001/000001 \
+  --items 统一社会信用代码,当事人名称,处罚种类,罚没金额 \
+  --purpose "产品质量监督抽查对象信用核查" --legal-basis "《中华人民共和国产品质量法》第十五条" \
+  | sed -n 's/.*"grant_id": *"\(G[0-9]*\)".*/\1/p' | head -1)
+as commerce-operator commerce grants list --side provider --status pending
+as commerce-operator commerce grants approve "$GRANT" --items 统一社会信用代码,当事人名称,处罚种类
+sleep 1
+
+say "Quality asks again: served, with only the granted items (罚没金额 never leaves commerce)"
+as quality-app quality records get --resource 302001/000001 91350100M000100Y43 --purpose "抽查对象信用核查"
+
+say "Tax asks police for a population record; police grants name, sex and birth date only"
+PGRANT=$(as tax-app tax --json grants request --resource 102001/000001 --items 姓名,性别,出生日期 \
+  --purpose "个人所得税汇算清缴身份核验" --legal-basis "《中华人民共和国个人所得税法》第十五条" \
+  | sed -n 's/.*"grant_id": *"\(G[0-9]*\)".*/\1/p' | head -1)
+as police-operator police grants approve "$PGRANT" >/dev/null
+sleep 1
+say "The identity number leaves police masked (not granted in full)"
+as tax-app tax records get --resource 102001/000001 11010519491231002X --purpose "个人所得税汇算清缴身份核验"
+
+say "Commerce's audit trail: every relayed request, keys only as keyed hashes"
+as commerce-operator commerce audit query --limit 10
+as commerce-operator commerce audit verify
+
 cat <<INFO
 
 gov-exchange is running.
-  directory   127.0.0.1:$DIR_PORT      (log: $GX_HOME/logs/directory.log)
-  nodes       tax 127.0.0.1:$BASE_PORT, commerce 127.0.0.1:$((BASE_PORT + 1)), quality 127.0.0.1:$((BASE_PORT + 2))
-  state       $GX_HOME/data
-  certificates $PKI   (CA, directory, and per department: node, operator, app)
+  directory    127.0.0.1:$DIR_PORT      (log: $GX_HOME/logs/directory.log)
+  nodes        tax 127.0.0.1:${NODE_PORT[tax]}, commerce 127.0.0.1:${NODE_PORT[commerce]}, quality 127.0.0.1:${NODE_PORT[quality]}, police 127.0.0.1:${NODE_PORT[police]}
+  state        $GX_HOME/data   (logs: $GX_HOME/logs)
+  certificates $PKI   (CA, directory, central-operator, and per department: node, operator, app)
 
 Try, in another shell:
-  export EXCHANGE_CA=$PKI/ca.crt EXCHANGE_CERT=$PKI/central-operator.crt EXCHANGE_KEY=$PKI/central-operator.key EXCHANGE_DIRECTORY=127.0.0.1:$DIR_PORT
-  $CTL catalog search 纳税 信用
-  $CTL catalog watch --from 0
-  $CTL nodes --json
+  export EXCHANGE_PKI_DIR=$PKI EXCHANGE_DIRECTORY=127.0.0.1:$DIR_PORT
+  $CTL --identity central-operator catalog search 纳税 信用
+  $CTL --identity tax-app --node 127.0.0.1:${NODE_PORT[tax]} records get --resource 101001/000001 91440300MA5F123452
+  $CTL --identity commerce-operator --node 127.0.0.1:${NODE_PORT[commerce]} grants list
+  $CTL --identity tax-operator --node 127.0.0.1:${NODE_PORT[tax]} audit query --since 10m
 
 Press Ctrl-C to stop.
 INFO

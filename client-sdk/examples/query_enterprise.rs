@@ -57,7 +57,10 @@ async fn main() -> ExitCode {
         }
         Err(ClientError::PermissionDenied(reason)) => {
             eprintln!("access refused: {reason}");
-            eprintln!("(ask the provider for a grant: exchangectl grants request --resource {} --items ...)", args.resource);
+            eprintln!(
+                "(ask the provider for a grant: exchangectl grants request --resource {} --items ...)",
+                args.resource
+            );
             ExitCode::FAILURE
         }
         Err(ClientError::NotFound(what)) => {

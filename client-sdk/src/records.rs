@@ -46,11 +46,11 @@ use std::time::Duration;
 use exchange_proto::limits::{MAX_BATCH_RECORDS, MAX_MESSAGE_BYTES, MAX_QUERY_KEYS};
 use exchange_proto::v1::directory_client::DirectoryClient;
 use exchange_proto::v1::exchange_node_client::ExchangeNodeClient;
-pub use exchange_proto::v1::{Grant, GrantStatus, ListGrantsRequest, QueryAuditRequest, Record};
 use exchange_proto::v1::{
     DecideGrantRequest, PutRecordsRequest, QueryAuditResponse, QueryRecordsRequest, QueryRecordsResponse,
     RequestGrantRequest, RevokeGrantRequest, VerifyAuditRequest, VerifyAuditResponse,
 };
+pub use exchange_proto::v1::{Grant, GrantStatus, ListGrantsRequest, QueryAuditRequest, Record};
 use prost::Message as _;
 use time::format_description::well_known::Rfc3339;
 use time::macros::format_description;
@@ -321,9 +321,7 @@ pub fn parse_date(text: &str) -> Result<Date, String> {
 
 /// A datetime item's text: RFC 3339, in the offset it carries (UTC when that offset cannot be written).
 pub fn format_datetime(t: OffsetDateTime) -> String {
-    t.format(&Rfc3339)
-        .or_else(|_| t.to_offset(time::UtcOffset::UTC).format(&Rfc3339))
-        .unwrap_or_else(|_| t.to_string())
+    t.format(&Rfc3339).or_else(|_| t.to_offset(time::UtcOffset::UTC).format(&Rfc3339)).unwrap_or_else(|_| t.to_string())
 }
 
 /// Reads a datetime item (RFC 3339, e.g. `2025-03-03T08:00:00+08:00` or `2025-03-03T00:00:00Z`).
@@ -341,8 +339,7 @@ struct ItemReader {
 
 impl ItemReader {
     fn new(record: &Record, key_item: &'static str) -> Result<Self, RecordError> {
-        let mut items: BTreeMap<String, String> =
-            record.items.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let mut items: BTreeMap<String, String> = record.items.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         let key_value = items.remove(key_item).filter(|v| !v.is_empty());
         let key = if record.key.is_empty() { key_value } else { Some(record.key.clone()) };
         let key = key.ok_or(RecordError::MissingKey { item: key_item })?;
@@ -353,7 +350,11 @@ impl ItemReader {
         self.items.remove(item).filter(|v| !v.is_empty())
     }
 
-    fn parsed<T>(&mut self, item: &str, parse: impl FnOnce(&str) -> Result<T, String>) -> Result<Option<T>, RecordError> {
+    fn parsed<T>(
+        &mut self,
+        item: &str,
+        parse: impl FnOnce(&str) -> Result<T, String>,
+    ) -> Result<Option<T>, RecordError> {
         match self.text(item) {
             None => Ok(None),
             Some(value) => parse(&value).map(Some).map_err(|reason| RecordError::BadItem {
@@ -589,7 +590,8 @@ impl fmt::Display for PopulationRecord {
 
 fn invalid(violations: Vec<FieldViolation>) -> ClientError {
     let n = violations.len();
-    let message = format!("{n} invalid field{} (checked before sending; nothing was sent)", if n == 1 { "" } else { "s" });
+    let message =
+        format!("{n} invalid field{} (checked before sending; nothing was sent)", if n == 1 { "" } else { "s" });
     ClientError::InvalidArgument { message, violations }
 }
 
@@ -625,10 +627,7 @@ fn check_keys(keys: &[&str]) -> Vec<FieldViolation> {
     if keys.len() > MAX_QUERY_KEYS {
         return vec![violation("keys", format!("at most {MAX_QUERY_KEYS} keys per query, got {}", keys.len()))];
     }
-    keys.iter()
-        .enumerate()
-        .filter_map(|(i, k)| check_not_empty(&format!("keys[{i}]"), k, "a key"))
-        .collect()
+    keys.iter().enumerate().filter_map(|(i, k)| check_not_empty(&format!("keys[{i}]"), k, "a key")).collect()
 }
 
 fn ok_or_invalid(violations: Vec<FieldViolation>) -> Result<(), ClientError> {
@@ -810,7 +809,10 @@ impl ExchangeClient {
         let mut violations: Vec<FieldViolation> =
             check_not_empty("resource_code", resource, "a resource code").into_iter().collect();
         violations.extend(
-            records.iter().enumerate().filter_map(|(i, r)| check_not_empty(&format!("records[{i}].key"), &r.key, "a key")),
+            records
+                .iter()
+                .enumerate()
+                .filter_map(|(i, r)| check_not_empty(&format!("records[{i}].key"), &r.key, "a key")),
         );
         ok_or_invalid(violations)?;
         let ranges = put_batches(&records);
@@ -908,7 +910,8 @@ impl ExchangeClient {
     ) -> Result<PopulationRecord, ClientError> {
         ok_or_invalid(check_identity_number("keys[0]", identity_number).into_iter().collect())?;
         let result = self.query(resource, &[identity_number], purpose).await?;
-        let record = result.records.first().ok_or_else(|| not_found(resource, &ids::mask_identity_number(identity_number)))?;
+        let record =
+            result.records.first().ok_or_else(|| not_found(resource, &ids::mask_identity_number(identity_number)))?;
         Ok(PopulationRecord::from_record(record)?)
     }
 
@@ -982,8 +985,7 @@ impl ExchangeClient {
     /// Ends an approved grant (operator of the provider department); a reason is required.
     pub async fn revoke_grant(&self, grant_id: &str, reason: &str) -> Result<Grant, ClientError> {
         ok_or_invalid(check_grant_and_reason(grant_id, reason))?;
-        let request =
-            self.request(RevokeGrantRequest { grant_id: grant_id.to_string(), reason: reason.to_string() });
+        let request = self.request(RevokeGrantRequest { grant_id: grant_id.to_string(), reason: reason.to_string() });
         let mut directory = self.directory()?;
         self.unary(directory.revoke_grant(request)).await
     }
@@ -1087,7 +1089,7 @@ mod tests {
             legal_representative: Some("张三".into()),
             enterprise_type: Some("有限责任公司(自然人投资或控股)".into()),
             registered_capital: Some(Decimal::new("1000.50").unwrap()),
-            established_on: Some(date!(2015-06-01)),
+            established_on: Some(date!(2015 - 06 - 01)),
             address: Some("福建省福州市鼓楼区某某路1号".into()),
             business_scope: Some("软件开发；信息技术咨询服务".into()),
             status: Some(EnterpriseStatus::Existing),
@@ -1120,7 +1122,7 @@ mod tests {
             identity_number: ID.into(),
             name: Some("李四".into()),
             sex: Some(Sex::Female),
-            birth_date: Some(date!(1949-12-31)),
+            birth_date: Some(date!(1949 - 12 - 31)),
             ethnicity: Some("汉族".into()),
             address: Some("北京市朝阳区某某街道".into()),
             household_registration: Some("北京市朝阳区".into()),
@@ -1228,7 +1230,11 @@ mod tests {
     fn masked_identity_numbers_are_detected() {
         let masked = ids::mask_identity_number(ID);
         assert_eq!(masked, "110105********002X");
-        let r = Record { key: masked.clone(), items: HashMap::from([(population_items::IDENTITY_NUMBER.to_string(), masked.clone())]), updated_at_unix_ms: 0 };
+        let r = Record {
+            key: masked.clone(),
+            items: HashMap::from([(population_items::IDENTITY_NUMBER.to_string(), masked.clone())]),
+            updated_at_unix_ms: 0,
+        };
         let p = PopulationRecord::from_record(&r).unwrap();
         assert!(p.identity_number_masked());
         assert_eq!(p.identity_number, masked);
@@ -1274,8 +1280,19 @@ mod tests {
     fn batches_respect_count_and_bytes() {
         let small = vec![Record { key: CODE.into(), ..Default::default() }; MAX_BATCH_RECORDS * 2 + 1];
         let b = put_batches(&small);
-        assert_eq!(b, vec![0..MAX_BATCH_RECORDS, MAX_BATCH_RECORDS..2 * MAX_BATCH_RECORDS, 2 * MAX_BATCH_RECORDS..2 * MAX_BATCH_RECORDS + 1]);
-        let big = Record { key: CODE.into(), items: HashMap::from([("经营范围".to_string(), "字".repeat(200_000))]), updated_at_unix_ms: 0 };
+        assert_eq!(
+            b,
+            vec![
+                0..MAX_BATCH_RECORDS,
+                MAX_BATCH_RECORDS..2 * MAX_BATCH_RECORDS,
+                2 * MAX_BATCH_RECORDS..2 * MAX_BATCH_RECORDS + 1
+            ]
+        );
+        let big = Record {
+            key: CODE.into(),
+            items: HashMap::from([("经营范围".to_string(), "字".repeat(200_000))]),
+            updated_at_unix_ms: 0,
+        };
         let b = put_batches(&vec![big; 10]);
         assert!(b.len() > 1 && b.iter().all(|r| r.len() * 600_000 <= MAX_MESSAGE_BYTES), "{b:?}");
         assert!(put_batches(&[]).is_empty());
@@ -1285,7 +1302,11 @@ mod tests {
     fn later_batches_are_renumbered() {
         let mut e = ClientError::InvalidArgument {
             message: "invalid request: records[2].key: bad (and 1 more field violations)".into(),
-            violations: vec![violation("records[2].key", "bad"), violation("records[3].items[成立日期]", "not a date"), violation("resource_code", "x")],
+            violations: vec![
+                violation("records[2].key", "bad"),
+                violation("records[3].items[成立日期]", "not a date"),
+                violation("resource_code", "x"),
+            ],
         };
         shift_indexes(&mut e, "records", 5000);
         let ClientError::InvalidArgument { message, violations } = e else { unreachable!() };
@@ -1301,7 +1322,8 @@ mod tests {
         crate::tls::install_crypto_provider();
         let dir = tempfile::tempdir().unwrap();
         crate::pki::init_ca(dir.path(), "test CA", 30).unwrap();
-        crate::pki::issue(dir.path(), &crate::pki::LeafRequest::new("tax", crate::identity::Role::App, "tax-app")).unwrap();
+        crate::pki::issue(dir.path(), &crate::pki::LeafRequest::new("tax", crate::identity::Role::App, "tax-app"))
+            .unwrap();
         let id = TlsIdentity::load(&crate::tls::TlsPaths::in_dir(dir.path(), "tax-app")).unwrap();
         ExchangeClient::connect("127.0.0.1:1", Some("127.0.0.1:1"), &id).unwrap().with_timeout(Duration::from_secs(5))
     }
@@ -1328,7 +1350,10 @@ mod tests {
         assert_refused_before_sending(c.query("", &[CODE], "test").await, "resource_code");
         let records = [EnterpriseRecord::new(CODE), EnterpriseRecord::new("91310115MA1H8R7C6D")];
         assert_refused_before_sending(c.put_enterprises(r, &records).await, "records[1].key");
-        assert_refused_before_sending(c.put_population(r, &[PopulationRecord::new("110105194902300020")]).await, "records[0].key");
+        assert_refused_before_sending(
+            c.put_population(r, &[PopulationRecord::new("110105194902300020")]).await,
+            "records[0].key",
+        );
         assert_refused_before_sending(c.reject_grant("G00000001", " ").await, "reason");
         assert_refused_before_sending(c.revoke_grant("", "done").await, "grant_id");
         assert_refused_before_sending(c.request_access(r, &[], "", "").await, "data_items");

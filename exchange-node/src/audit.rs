@@ -370,9 +370,9 @@ impl AuditKeys {
         AuditKeys { signing: SigningKey::from_bytes(&seal), hasher: KeyHasher::new(hash) }
     }
 
-    /// The seal key (a copy), for [`AuditLog::open`].
-    pub fn signing_key(&self) -> SigningKey {
-        self.signing.clone()
+    /// The seal key, for [`AuditLog::open`] (which takes a copy).
+    pub fn signing_key(&self) -> &SigningKey {
+        &self.signing
     }
 
     /// The record-key hasher, for the relay and for [`query`].
@@ -1077,6 +1077,25 @@ pub fn run_verify_command(
     }
 }
 
+fn is_lock_error(e: &sled::Error) -> bool {
+    e.to_string().contains("could not acquire lock")
+}
+
+/// Opens a sled database, waiting up to `wait` for another holder's lock to go: sled lets go of its file
+/// lock a moment after the database is closed (background writes finish first), also in a node that
+/// has just been stopped.
+pub fn open_db_waiting(path: &Path, wait: Duration) -> sled::Result<sled::Db> {
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        match sled::open(path) {
+            Err(e) if is_lock_error(&e) && std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            result => return result,
+        }
+    }
+}
+
 fn verify_command(
     data_dir: &Path,
     public_key: Option<&str>,
@@ -1133,9 +1152,9 @@ fn verify_command(
             db_path.display()
         ));
     }
-    let db = sled::open(&db_path).map_err(|e| {
+    let db = open_db_waiting(&db_path, Duration::from_secs(3)).map_err(|e| {
         let text = e.to_string();
-        if text.contains("could not acquire lock") {
+        if is_lock_error(&e) {
             format!(
                 "the database {} is in use: stop the node first (its database admits one process at a time), \
                  or verify a running node with its VerifyAudit API",
@@ -1216,6 +1235,11 @@ mod tests {
         assert!(log.seal(12).unwrap().is_none(), "nothing new to seal");
         let key = log.verifying_key();
         (dir, db, key)
+    }
+
+    /// Reopens a database closed a moment ago (sled lets go of its lock asynchronously).
+    fn reopen(path: &Path) -> sled::Db {
+        open_db_waiting(path, Duration::from_secs(10)).unwrap()
     }
 
     fn get_entry(db: &sled::Db, seq: u64) -> ChainEntry {
@@ -1332,7 +1356,7 @@ mod tests {
     fn audit_reopening_continues_the_chain() {
         let (dir, db, key) = sealed_log();
         drop(db);
-        let db = sled::open(dir.path()).unwrap();
+        let db = reopen(dir.path());
         // The same key would come from the node's key file; the chain itself needs only the head.
         let log = AuditLog::open(&db, SigningKey::from_bytes(&random_key())).unwrap();
         assert_eq!(log.len(), 10);
@@ -1483,7 +1507,8 @@ mod tests {
         let db = sled::open(dir.path()).unwrap();
         let log = Arc::new(AuditLog::open(&db, SigningKey::from_bytes(&random_key())).unwrap());
         let h = KeyHasher::new([9; 32]);
-        let rows: [(Side, &str, &str, &str, &[&str], i32); 5] = [
+        type Row<'a> = (Side, &'a str, &'a str, &'a str, &'a [&'a str], i32);
+        let rows: [Row; 5] = [
             (Side::Consumer, "tax", "police", "R1", &[K1], 0),
             (Side::Provider, "civil", "tax", "R2", &[K2], 7),
             (Side::Consumer, "tax", "police", "R1", &[K1, K3], 5),
@@ -1759,7 +1784,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let keys = AuditKeys::load_or_create(dir.path()).unwrap();
         let db = sled::open(dir.path().join(DB_DIR)).unwrap();
-        let log = AuditLog::open(&db, keys.signing_key()).unwrap();
+        let log = AuditLog::open(&db, keys.signing_key().clone()).unwrap();
         for i in 1..=6 {
             log.append(record(i, keys.hasher())).unwrap();
         }
@@ -1806,7 +1831,7 @@ mod tests {
     #[test]
     fn audit_verify_command_refuses_a_database_in_use() {
         let (dir, keys) = node_data_dir();
-        let _running = sled::open(dir.path().join(DB_DIR)).unwrap();
+        let _running = reopen(&dir.path().join(DB_DIR));
         let (code, _, err) = run(dir.path(), Some(&keys.verifying_key_hex()));
         assert_eq!(code, EXIT_ERROR);
         assert!(err.contains("stop the node"), "{err}");
@@ -1816,7 +1841,7 @@ mod tests {
     fn audit_verify_command_names_the_tampered_entry() {
         let (dir, keys) = node_data_dir();
         {
-            let db = sled::open(dir.path().join(DB_DIR)).unwrap();
+            let db = reopen(&dir.path().join(DB_DIR));
             rewrite(&db, 3, |e| e.record.consumer = "quality".into());
         }
         let (code, out, _) = run(dir.path(), Some(&keys.verifying_key_hex()));

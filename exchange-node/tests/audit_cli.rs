@@ -3,7 +3,15 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
-use exchange_node::audit::{now_us, AuditKeys, AuditLog, AuditRecord, Side, DB_DIR};
+use std::time::Duration;
+
+use exchange_node::audit::{now_us, open_db_waiting, AuditKeys, AuditLog, AuditRecord, Side, DB_DIR};
+
+/// Opens the data directory's database, waiting for the lock of one closed a moment ago (sled lets go
+/// of it asynchronously).
+fn open_db(data_dir: &Path) -> sled::Db {
+    open_db_waiting(&data_dir.join(DB_DIR), Duration::from_secs(10)).unwrap()
+}
 
 fn verify_cmd(data_dir: &Path, public_key: Option<&str>) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_exchange-node"));
@@ -23,7 +31,7 @@ fn node_data_dir() -> (tempfile::TempDir, String) {
     let dir = tempfile::tempdir().unwrap();
     let keys = AuditKeys::load_or_create(dir.path()).unwrap();
     let db = sled::open(dir.path().join(DB_DIR)).unwrap();
-    let log = AuditLog::open(&db, keys.signing_key()).unwrap();
+    let log = AuditLog::open(&db, keys.signing_key().clone()).unwrap();
     for i in 1..=8u64 {
         let t = 1_700_000_000_000_000 + i as i64 * 1_000;
         log.append(AuditRecord {
@@ -71,7 +79,7 @@ fn audit_verify_tampered_entry_exits_1_and_names_it() {
     let (dir, key) = node_data_dir();
     {
         // Edit entry 6 in place, as someone with access to the database would.
-        let db = sled::open(dir.path().join(DB_DIR)).unwrap();
+        let db = open_db(dir.path());
         let tree = db.open_tree("audit").unwrap();
         let raw = tree.get(6u64.to_be_bytes()).unwrap().expect("entry 6");
         let mut entry: serde_json::Value = serde_json::from_slice(&raw).unwrap();
@@ -95,7 +103,7 @@ fn audit_verify_errors_exit_2() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("no node database"), "{}", text(&out));
 
     let (dir, key) = node_data_dir();
-    let _node_running = sled::open(dir.path().join(DB_DIR)).unwrap();
+    let _node_running = open_db(dir.path());
     let out = verify_cmd(dir.path(), Some(&key));
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     assert!(String::from_utf8_lossy(&out.stderr).contains("stop the node"), "{}", text(&out));

@@ -440,7 +440,8 @@ mod tests {
 
     #[test]
     fn grants_commands() {
-        let cli = parse(&["grants", "request", "--resource", "r", "--items", "企业名称,登记状态", "--legal-basis", "协议"]).unwrap();
+        let cli =
+            parse(&["grants", "request", "--resource", "r", "--items", "企业名称,登记状态", "--legal-basis", "协议"]).unwrap();
         let Command::Grants(GrantsCommand::Request { items, legal_basis, purpose, .. }) = cli.command else { panic!() };
         assert_eq!(items, ["企业名称", "登记状态"]);
         assert_eq!((legal_basis.as_str(), purpose.as_str()), ("协议", ""));
@@ -464,9 +465,14 @@ mod tests {
     #[test]
     fn audit_commands() {
         assert!(matches!(parse(&["audit", "verify"]).unwrap().command, Command::Audit(AuditCommand::Verify)));
-        let cli = parse(&["audit", "query", "--since", "2h", "--peer", "commerce", "--result", "PERMISSION_DENIED", "--limit", "20"]).unwrap();
+        let cli = parse(&[
+            "audit", "query", "--since", "2h", "--peer", "commerce", "--result", "PERMISSION_DENIED", "--record-key", "K",
+            "--limit", "20",
+        ])
+        .unwrap();
         let Command::Audit(AuditCommand::Query(q)) = cli.command else { panic!() };
         assert_eq!(q.since.as_deref(), Some("2h"));
+        assert_eq!(q.record_key.as_deref(), Some("K"));
         assert_eq!(q.limit, Some(20));
         assert!(parse(&["audit", "query", "--limit", "0"]).is_err());
         assert!(parse(&["audit", "query", "--limit", "10001"]).is_err());

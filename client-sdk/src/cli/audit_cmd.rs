@@ -30,7 +30,9 @@ pub(super) async fn run(ctx: &Ctx, cmd: AuditCommand) -> Result<(), CliError> {
 /// The request the flags describe; relative times count back from `now_ms`.
 pub(super) fn query_request(args: &AuditQueryArgs, now_ms: i64) -> Result<QueryAuditRequest, CliError> {
     let time = |flag: &str, value: &Option<String>| -> Result<i64, CliError> {
-        value.as_deref().map_or(Ok(0), |t| parse_time(t, now_ms).map_err(|e| CliError::Usage(format!("--{flag} {t:?}: {e}"))))
+        value
+            .as_deref()
+            .map_or(Ok(0), |t| parse_time(t, now_ms).map_err(|e| CliError::Usage(format!("--{flag} {t:?}: {e}"))))
     };
     let (from, to) = (time("since", &args.since)?, time("until", &args.until)?);
     if from > 0 && to > 0 && from > to {
@@ -125,8 +127,22 @@ mod tests {
     fn flags_become_the_request() {
         let r = query_request(
             &args(&[
-                "--since", "1d", "--until", "2026-01-01T00:00:00Z", "--peer", "commerce", "--resource", "101001/000001",
-                "--result", "permission_denied", "--record-key", "91350100M000100Y43", "--message-id", "m-1", "--limit", "50",
+                "--since",
+                "1d",
+                "--until",
+                "2026-01-01T00:00:00Z",
+                "--peer",
+                "commerce",
+                "--resource",
+                "101001/000001",
+                "--result",
+                "permission_denied",
+                "--record-key",
+                "91350100M000100Y43",
+                "--message-id",
+                "m-1",
+                "--limit",
+                "50",
             ]),
             NOW,
         )

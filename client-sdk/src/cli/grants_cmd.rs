@@ -11,7 +11,8 @@ use crate::records::{parse_date, GRANT_STATUSES};
 
 pub(super) async fn run(ctx: &Ctx, cmd: GrantsCommand) -> Result<(), CliError> {
     let client = ctx.exchange()?;
-    let strs = |v: &[String]| -> Vec<String> { v.iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect() };
+    let strs =
+        |v: &[String]| -> Vec<String> { v.iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect() };
     let grant = match cmd {
         GrantsCommand::Request { resource, items, purpose, legal_basis } => {
             let items = strs(&items);

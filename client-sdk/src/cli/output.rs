@@ -819,9 +819,9 @@ impl GrantView {
     pub fn human(&self) -> String {
         let at = |by: &str, ms: i64| -> String {
             match (by.is_empty(), ms > 0) {
-                (false, true) => format!("by {by} at {}", format_unix(ms / 1000)),
-                (false, false) => format!("by {by}"),
-                (true, true) => format!("at {}", format_unix(ms / 1000)),
+                (false, true) => format!("{by} at {}", format_unix(ms / 1000)),
+                (false, false) => by.to_string(),
+                (true, true) => format!("- at {}", format_unix(ms / 1000)),
                 (true, false) => String::new(),
             }
         };
@@ -836,7 +836,7 @@ impl GrantView {
             ("purpose", self.purpose.clone()),
             ("legal basis", self.legal_basis.clone()),
             ("granted", self.granted_items.join(", ")),
-            ("decided", at(&self.decided_by, self.decided_at_unix_ms)),
+            ("decided by", at(&self.decided_by, self.decided_at_unix_ms)),
             ("reason", self.decision_reason.clone()),
             ("expires", if self.status == "pending" || self.status == "rejected" { String::new() } else { self.expires() }),
         ];
@@ -1229,7 +1229,7 @@ mod tests {
     fn grant_detail_leaves_out_empty_fields() {
         let text = GrantView::from(grant(exchange_proto::v1::GrantStatus::Pending)).human();
         assert!(text.starts_with("grant         G00000001\nstatus        pending\n"), "{text}");
-        assert!(text.contains("requested by  by tax-app at 2026-01-01 00:00:00 UTC\n"), "{text}");
+        assert!(text.contains("requested by  tax-app at 2026-01-01 00:00:00 UTC\n"), "{text}");
         assert!(!text.contains("granted") && !text.contains("expires") && !text.contains("legal basis"), "{text}");
         let mut revoked = grant(exchange_proto::v1::GrantStatus::Revoked);
         revoked.decision_reason = "协议到期".into();
@@ -1281,7 +1281,8 @@ mod tests {
         let text = view.human();
         let lines: Vec<&str> = text.lines().collect();
         assert!(lines[0].starts_with("time (UTC)           side      message id  peer      resource       result"), "{text}");
-        assert!(lines[1].starts_with("2026-01-01 00:00:00  consumer  m-9         commerce  101001/000001  PERMISSION_DENIED  企业名称,登记状态"), "{text}");
+        let row = "2026-01-01 00:00:00  consumer  m-9         commerce  101001/000001  PERMISSION_DENIED  企业名称,登记状态";
+        assert!(lines[1].starts_with(row), "{text}");
         assert!(lines[1].ends_with("120/0      12.3"), "{text}");
         assert!(lines[2].contains("OK") && lines[2].ends_with("-"), "{text}");
         assert!(text.contains("2 entries shown, newest first (50 in the log)"), "{text}");

@@ -33,14 +33,17 @@ struct RecordLine {
 pub(super) fn parse_records(text: &str) -> Result<Vec<Record>, String> {
     let text = text.strip_prefix('\u{feff}').unwrap_or(text); // a byte order mark from some editors
     let lines: Vec<(String, RecordLine)> = if text.trim_start().starts_with('[') {
-        let all: Vec<RecordLine> = serde_json::from_str(text).map_err(|e| format!("not a JSON array of records: {e}"))?;
+        let all: Vec<RecordLine> =
+            serde_json::from_str(text).map_err(|e| format!("not a JSON array of records: {e}"))?;
         all.into_iter().enumerate().map(|(i, r)| (format!("records[{i}]"), r)).collect()
     } else {
         text.lines()
             .enumerate()
             .filter(|(_, l)| !l.trim().is_empty())
             .map(|(n, l)| {
-                serde_json::from_str(l).map(|r| (format!("line {}", n + 1), r)).map_err(|e| format!("line {}: {e}", n + 1))
+                serde_json::from_str(l)
+                    .map(|r| (format!("line {}", n + 1), r))
+                    .map_err(|e| format!("line {}: {e}", n + 1))
             })
             .collect::<Result<_, _>>()?
     };

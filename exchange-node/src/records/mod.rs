@@ -7,7 +7,7 @@
 //! # Layout
 //! - [`validate`]: [`validate_batch`] checks a whole batch against the resource's catalog entry and
 //!   returns the normalized records, or every problem as a [`FieldViolation`].
-//! - [`RecordStore`] and its sled implementation [`SledRecordStore`] ([`sled`](self::sled)).
+//! - [`RecordStore`] and its sled implementation [`SledRecordStore`] ([`sled`](mod@self::sled)).
 //! - [`disclosure`](mod@disclosure): [`disclosure()`] decides which data items leave the node (and which
 //!   of them masked) for one consumer; [`apply`] cuts a record down to that.
 //!
