@@ -10,6 +10,7 @@
 //! - [`forwarder`]: the bare two-hop mutual-TLS forwarder the record relay is compared with.
 //! - [`federation`]: the real directory and department nodes served in process, and generated
 //!   enterprise records to load into them.
+//! - [`relay_parts`]: the node's per-call relay steps timed one by one (where a relayed query's time goes).
 
 pub mod echo;
 pub mod federation;
@@ -17,4 +18,5 @@ pub mod forwarder;
 pub mod load;
 pub mod pki;
 pub mod procs;
+pub mod relay_parts;
 pub mod workload;

@@ -159,3 +159,16 @@ where
         stats: LoadStats { calls: latencies.len() as u64, errors: errors.load(Ordering::Relaxed), elapsed, latencies },
     }
 }
+
+/// CPU time this process has used so far (user + system, all threads), from `/proc/self/stat`; `None`
+/// where that file does not exist. Resolution: one clock tick (10 ms), fine over a multi-second phase.
+pub fn process_cpu_time() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name (which is in parentheses and may contain spaces).
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line: 11 and 12 after the state field (index 0).
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some(Duration::from_millis((utime + stime) * 10))
+}

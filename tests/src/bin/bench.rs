@@ -430,6 +430,11 @@ async fn relay_section(args: &Args, pki: &TestPki, tmp: &std::path::Path, rows: 
     let warm_up = Duration::from_secs(2.min(args.seconds));
     println!("relay: {} records of {RELAY_RESOURCE} at commerce, queried by tax, one random key per call", args.records);
 
+    let entry = client_sdk::catalog::CatalogFile::load_entries(&federation::sample_catalog("commerce"))?
+        .into_iter()
+        .find(|e| e.resource_code == RELAY_RESOURCE)
+        .expect("the sample catalog has the resource");
+
     // ---- the real federation: directory, commerce (provider), tax (consumer) ----
     let setup = Instant::now();
     let directory = federation::start_directory(pki, &tmp.join("relay-directory")).await?;
@@ -495,13 +500,9 @@ async fn relay_section(args: &Args, pki: &TestPki, tmp: &std::path::Path, rows: 
 
     // ---- the baseline: forwarder → backend with the same records, as the provider stores them ----
     let stored = federation::as_stored(&records, now_unix_ms());
-    let data_items: Vec<String> = {
-        // The entry's data items in catalog order, as the provider's node lists them for an unconditional
-        // resource.
-        let file = client_sdk::catalog::CatalogFile::load_entries(&federation::sample_catalog("commerce"))?;
-        let entry = file.iter().find(|e| e.resource_code == RELAY_RESOURCE).expect("the sample catalog has the resource");
-        entry.data_items.iter().map(|d| d.name.clone()).collect()
-    };
+    // The entry's data items in catalog order, as the provider's node lists them for an unconditional
+    // resource.
+    let data_items: Vec<String> = entry.data_items.iter().map(|d| d.name.clone()).collect();
     let pair = ForwarderPair::start(
         pki.identity("commerce", Role::Node, "bench-backend-commerce"),
         pki.identity("tax", Role::Node, "bench-forwarder-tax"),
@@ -577,12 +578,24 @@ async fn relay_section(args: &Args, pki: &TestPki, tmp: &std::path::Path, rows: 
     );
 
     // ---- throughput, closed loop; the two systems alternate so drift on the machine hits both ----
+    // CPU per query: the whole process (load generator and servers alike) over the phase.
+    let cpu_per_call = |before: Option<Duration>, s: &LoadStats| match (before, load::process_cpu_time()) {
+        (Some(b), Some(a)) if s.calls > 0 => Some((a - b) / s.calls as u32),
+        _ => None,
+    };
+    let us = |d: Option<Duration>| d.map_or("?".to_string(), |d| format!("{:.0} µs", d.as_secs_f64() * 1e6));
     let _ = load::run(8, u64::MAX, warm_up, forwarder_call.clone()).await;
+    let cpu = load::process_cpu_time();
     let fwd_heavy = load::run(args.concurrency, u64::MAX, phase, forwarder_call.clone()).await;
-    println!("forwarder: {:.0}/s at {} in flight ({} errors)", fwd_heavy.per_second(), args.concurrency, fwd_heavy.errors);
+    let fwd_cpu = cpu_per_call(cpu, &fwd_heavy);
+    println!("forwarder: {:.0}/s at {} in flight ({} errors), {} CPU per query",
+        fwd_heavy.per_second(), args.concurrency, fwd_heavy.errors, us(fwd_cpu));
     let _ = load::run(8, u64::MAX, warm_up, relay_call.clone()).await;
+    let cpu = load::process_cpu_time();
     let relay_heavy = load::run(args.concurrency, u64::MAX, phase, relay_call.clone()).await;
-    println!("relay: {:.0}/s at {} in flight ({} errors)", relay_heavy.per_second(), args.concurrency, relay_heavy.errors);
+    let relay_cpu = cpu_per_call(cpu, &relay_heavy);
+    println!("relay: {:.0}/s at {} in flight ({} errors), {} CPU per query",
+        relay_heavy.per_second(), args.concurrency, relay_heavy.errors, us(relay_cpu));
 
     // ---- latency, open loop at half of each system's own peak ----
     let fwd_rate = (fwd_heavy.per_second() / 2.0).max(1.0);
@@ -611,6 +624,15 @@ async fn relay_section(args: &Args, pki: &TestPki, tmp: &std::path::Path, rows: 
             target: target.into(),
         });
     }
+    if let (Some(r), Some(f)) = (relay_cpu, fwd_cpu) {
+        rows.push(Row {
+            figure: "CPU per query, whole process (client + servers), at 32 in flight".into(),
+            value: us(relay_cpu),
+            baseline: format!("forwarder {}", us(fwd_cpu)),
+            ratio: format!("{:.2}×", r.as_secs_f64() / f.as_secs_f64().max(1e-9)),
+            target: String::new(),
+        });
+    }
     for (name, o) in [("relay", &relay_open), ("forwarder", &fwd_open)] {
         if o.stats.errors > 0 || o.dropped > 0 {
             println!("warning: {name} open loop had {} errors and {} calls not sent", o.stats.errors, o.dropped);
@@ -623,6 +645,16 @@ async fn relay_section(args: &Args, pki: &TestPki, tmp: &std::path::Path, rows: 
     tax.stop().await?;
     commerce.stop().await?;
     directory.stop().await?;
+
+    // Where a relayed query's time goes: the node's per-call steps one by one, on the same records.
+    let stored = federation::as_stored(&records, now_unix_ms());
+    let cert = pki.issue("tax", Role::App, "tax-app").cert;
+    let parts = e2e_tests::relay_parts::measure(&tmp.join("relay-parts"), &entry, &stored, &cert).await?;
+    println!("\nper-call steps of the relay, timed one by one in process (mean per call):");
+    for p in parts {
+        let max = p.max.map(|m| format!(" (max {})", ms(m))).unwrap_or_default();
+        println!("  {:<70} {:>9.1} µs{max}", p.name, p.per_call.as_secs_f64() * 1e6);
+    }
     Ok(())
 }
 
