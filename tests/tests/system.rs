@@ -109,12 +109,19 @@ impl Site {
     }
 
     fn start_node(&self, dept: &str, port: u16) -> Proc {
+        self.write_node_config(dept, port, "");
+        let path = self.path(&format!("config/{dept}-node.toml"));
+        Proc::start(&format!("{dept}-node"), "exchange-node", &["--config", path.to_str().unwrap()], &self.path(&format!("logs/{dept}-node.log")))
+    }
+
+    /// Writes `config/<dept>-node.toml`; `extra` (TOML tables such as `[[quotas]]`) goes at the end.
+    fn write_node_config(&self, dept: &str, port: u16, extra: &str) {
         let pki = self.path("pki");
         let path = self.path(&format!("config/{dept}-node.toml"));
         std::fs::write(
             &path,
             format!(
-                "listen = \"127.0.0.1:{port}\"\nadvertise_address = \"127.0.0.1:{port}\"\ndirectory_address = \"{dir}\"\ndata_dir = \"{data}\"\ncatalog_file = \"{catalog}\"\n\n[tls]\nca = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{key}\"\n",
+                "listen = \"127.0.0.1:{port}\"\nadvertise_address = \"127.0.0.1:{port}\"\ndirectory_address = \"{dir}\"\ndata_dir = \"{data}\"\ncatalog_file = \"{catalog}\"\n\n[tls]\nca = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{key}\"\n{extra}",
                 dir = self.directory_addr(),
                 data = self.path(&format!("data/{dept}-node")).display(),
                 catalog = repo_root().join(format!("deploy/local/catalog/{dept}.toml")).display(),
@@ -124,7 +131,6 @@ impl Site {
             ),
         )
         .unwrap();
-        Proc::start(&format!("{dept}-node"), "exchange-node", &["--config", path.to_str().unwrap()], &self.path(&format!("logs/{dept}-node.log")))
     }
 
     fn node_status(&self, dept: &str) -> Option<String> {
@@ -351,4 +357,143 @@ fn stock_grpc_tools_see_health_and_reflection_over_mtls() {
     );
     let out = std::process::Command::new(&python).args(["-c", &code]).output().unwrap();
     assert_eq!(out.status.code(), Some(3), "a client without a certificate must be refused: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+const REGISTRATION: &str = "101001/000001"; // commerce's enterprise registration, unconditional
+const PENALTIES: &str = "302001/000001"; // commerce's administrative penalties, conditional
+const COMPANY: &str = "91350100M000100Y43";
+
+fn quota_rule(consumer: &str, per_second: u32) -> String {
+    format!("\n[[quotas]]\nconsumer = \"{consumer}\"\nresource = \"{PENALTIES}\"\nper_second = {per_second}\nburst = {per_second}\n")
+}
+
+/// The record exchange as operators and developers use it: `exchangectl records|grants|audit` against the
+/// real binaries, the Python example (stock grpcio, stubs generated from proto/), and a quota changed by
+/// editing the config and sending SIGHUP.
+#[test]
+fn records_exchange_through_the_cli_the_python_example_and_a_quota_reload() {
+    let site = Site::new();
+    site.init_pki();
+    site.write_directory_config("directory", 15);
+    let _directory = site.start_directory();
+    let mut ports = std::collections::HashMap::new();
+    let mut nodes = Vec::new();
+    for dept in DEPTS {
+        let port = free_port();
+        ports.insert(dept, port);
+        let extra = if dept == "commerce" { quota_rule("quality", 1000) } else { String::new() };
+        site.write_node_config(dept, port, &extra);
+        let path = site.path(&format!("config/{dept}-node.toml"));
+        nodes.push(Proc::start(&format!("{dept}-node"), "exchange-node", &["--config", path.to_str().unwrap()], &site.path(&format!("logs/{dept}-node.log"))));
+    }
+    for dept in DEPTS {
+        wait_for(&format!("{dept} online"), Duration::from_secs(30), || (site.node_status(dept).as_deref() == Some("online")).then_some(()));
+    }
+    let node = |dept: &str| format!("127.0.0.1:{}", ports[dept]);
+    let at = |identity: &str, dept: &str, args: &[&str]| {
+        let addr = node(dept);
+        let mut all = vec!["--node", addr.as_str()];
+        all.extend_from_slice(args);
+        site.ctl(identity, &all)
+    };
+    let at_json = |identity: &str, dept: &str, args: &[&str]| -> Value {
+        let (ok, out, err) = at(identity, dept, &[&["--json"], args].concat());
+        assert!(ok, "exchangectl {args:?} as {identity} failed:\n{out}\n{err}");
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"))
+    };
+
+    // Commerce loads its records (the catalog may still be on its way to the directory: retry).
+    let records = repo_root().join("deploy/local/records");
+    for (resource, file) in [(REGISTRATION, "commerce-enterprises.json"), (PENALTIES, "commerce-penalties.json")] {
+        let file = records.join(file);
+        let out = wait_for("commerce's records stored", Duration::from_secs(30), || {
+            let (ok, out, _) = at("commerce-app", "commerce", &["records", "put", "--resource", resource, "--file", file.to_str().unwrap()]);
+            ok.then_some(out)
+        });
+        assert!(out.contains("stored") || out.contains('2') || out.contains('4'), "{out}");
+    }
+    // A file with a bad record is refused whole, naming the record and the field.
+    let bad = site.path("bad-records.json");
+    std::fs::write(&bad, format!(r#"[{{"key":"{COMPANY}","items":{{"企业名称":"好的"}}}},{{"key":"91310115MA1H8R7C6D","items":{{"成立日期":"2019-02-30"}}}}]"#)).unwrap();
+    let (ok, out, err) = at("commerce-app", "commerce", &["records", "put", "--resource", REGISTRATION, "--file", bad.to_str().unwrap()]);
+    assert!(!ok);
+    let text = format!("{out}{err}");
+    assert!(text.contains("records[1]") && text.contains(".key") && text.contains("成立日期"), "{text}");
+
+    // Tax reads commerce's registration through its own node.
+    let answer = at_json("tax-app", "tax", &["records", "get", "--resource", REGISTRATION, COMPANY, "--purpose", "登记信息核对"]);
+    assert_eq!(answer["records"][0]["items"]["企业名称"], "福州市闽江数据科技有限公司", "{answer}");
+    assert_eq!(answer["provider_code"], "commerce");
+
+    // The Python example, as a tax application, from a clean interpreter with only grpcio and grpcio-tools.
+    let python = std::env::var("GX_PYTHON").expect("GX_PYTHON (scripts/test.sh sets it up in .venv)");
+    let pki = site.path("pki");
+    let out = std::process::Command::new(&python)
+        .arg(repo_root().join("client-sdk/examples/python/query_record.py"))
+        .args(["--node", &node("tax"), "--ca", pki.join("ca.crt").to_str().unwrap()])
+        .args(["--cert", pki.join("tax-app.crt").to_str().unwrap(), "--key", pki.join("tax-app.key").to_str().unwrap()])
+        .args(["--resource", REGISTRATION, "--purpose", "python example", COMPANY])
+        .output()
+        .expect("run the Python example");
+    assert!(out.status.success(), "python example failed: {}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let doc: Value = serde_json::from_slice(&out.stdout).expect("the example prints JSON");
+    assert_eq!(doc["records"][0]["items"]["企业名称"], "福州市闽江数据科技有限公司", "{doc}");
+    // ... and a refusal comes back as exit code 2 with the gRPC code.
+    let out = std::process::Command::new(&python)
+        .arg(repo_root().join("client-sdk/examples/python/query_record.py"))
+        .args(["--node", &node("quality"), "--ca", pki.join("ca.crt").to_str().unwrap()])
+        .args(["--cert", pki.join("quality-app.crt").to_str().unwrap(), "--key", pki.join("quality-app.key").to_str().unwrap()])
+        .args(["--resource", PENALTIES, COMPANY])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("PERMISSION_DENIED"));
+
+    // Quality is refused, asks, commerce approves fewer items, quality is served those only.
+    let (ok, out, err) = at("quality-app", "quality", &["records", "get", "--resource", PENALTIES, COMPANY]);
+    assert!(!ok && format!("{out}{err}").contains("grant"), "{out}{err}");
+    let grant = at_json(
+        "quality-app",
+        "quality",
+        &["grants", "request", "--resource", PENALTIES, "--items", "统一社会信用代码,当事人名称,罚没金额", "--purpose", "抽查对象信用核查"],
+    );
+    let id = grant["grant_id"].as_str().or_else(|| grant["grant"]["grant_id"].as_str()).unwrap_or_else(|| panic!("{grant}")).to_string();
+    let pending = at_json("commerce-operator", "commerce", &["grants", "list", "--side", "provider", "--status", "pending"]);
+    assert!(pending.to_string().contains(&id), "{pending}");
+    let (ok, out, err) = at("commerce-operator", "commerce", &["grants", "approve", &id, "--items", "统一社会信用代码,当事人名称"]);
+    assert!(ok, "{out}{err}");
+    let served = wait_for("quality served after the approval", Duration::from_secs(10), || {
+        let (ok, out, _) = at("quality-app", "quality", &["--json", "records", "get", "--resource", PENALTIES, COMPANY]);
+        ok.then(|| serde_json::from_str::<Value>(&out).unwrap())
+    });
+    let items = &served["records"][0]["items"];
+    assert!(items.get("当事人名称").is_some() && items.get("罚没金额").is_none(), "{served}");
+
+    // The quota: edit commerce's config to 1 call per second for quality, SIGHUP, and the second quick call
+    // is refused with RESOURCE_EXHAUSTED; no restart.
+    let commerce_pid = nodes[1].pid();
+    site.write_node_config("commerce", ports["commerce"], &quota_rule("quality", 1));
+    let hup = std::process::Command::new("kill").args(["-HUP", &commerce_pid.to_string()]).status().unwrap();
+    assert!(hup.success());
+    wait_for("the reload to be logged", Duration::from_secs(10), || nodes[1].log_text().contains("configuration reloaded").then_some(()));
+    let refused = wait_for("quality to hit the new quota", Duration::from_secs(10), || {
+        let runs: Vec<(bool, String)> = (0..3)
+            .map(|_| {
+                let (ok, out, err) = at("quality-app", "quality", &["records", "get", "--resource", PENALTIES, COMPANY]);
+                (ok, format!("{out}{err}"))
+            })
+            .collect();
+        runs.into_iter().find(|(ok, _)| !ok).map(|(_, text)| text)
+    });
+    assert!(refused.contains("RESOURCE_EXHAUSTED") || refused.to_lowercase().contains("quota"), "{refused}");
+    assert!(nodes[1].running(), "the node kept running through the reload");
+
+    // The audit trail: intact, and it has tax's and quality's calls.
+    let (ok, out, err) = at("commerce-operator", "commerce", &["audit", "verify"]);
+    assert!(ok && out.contains("intact"), "{out}{err}");
+    let entries = at_json("commerce-operator", "commerce", &["audit", "query", "--peer", "quality", "--result", "RESOURCE_EXHAUSTED"]);
+    assert!(entries.to_string().contains("quality"), "{entries}");
+    for mut n in nodes {
+        assert!(n.stop(), "{} stops cleanly", n.name);
+    }
 }
