@@ -16,24 +16,14 @@
 //! | `Search(InvalidArgument)` | `INVALID_ARGUMENT` | one field violation |
 //! | `ShuttingDown` | `UNAVAILABLE` | |
 
-use tonic::{Code, Status};
-use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
+use tonic::Status;
 
 use crate::search::SearchError;
 use crate::store::StoreError;
 
 /// One bad request field: a path like `entries[3].data_items[0].name` and what is wrong with it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Violation {
-    pub field: String,
-    pub description: String,
-}
-
-impl Violation {
-    pub fn new(field: impl Into<String>, description: impl Into<String>) -> Self {
-        Violation { field: field.into(), description: description.into() }
-    }
-}
+pub use client_sdk::status::Violation;
+use client_sdk::status::{bad_request, invalid_message};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DirectoryError {
@@ -65,21 +55,6 @@ pub enum DirectoryError {
     ShuttingDown,
 }
 
-fn invalid_message(violations: &[Violation]) -> String {
-    match violations {
-        [] => "invalid request".to_string(),
-        [one] => format!("invalid request: {}: {}", one.field, one.description),
-        [first, rest @ ..] => {
-            format!(
-                "invalid request: {}: {} (and {} more field violations)",
-                first.field,
-                first.description,
-                rest.len()
-            )
-        }
-    }
-}
-
 impl DirectoryError {
     /// A single bad field.
     pub fn invalid(field: impl Into<String>, description: impl Into<String>) -> Self {
@@ -90,7 +65,7 @@ impl DirectoryError {
 impl From<DirectoryError> for Status {
     fn from(err: DirectoryError) -> Status {
         match err {
-            DirectoryError::InvalidArgument { violations } => bad_request(invalid_message(&violations), violations),
+            DirectoryError::InvalidArgument { violations } => bad_request(violations),
             DirectoryError::PermissionDenied(m) => Status::permission_denied(m),
             DirectoryError::NotFound(m) => Status::not_found(m),
             DirectoryError::AlreadyExists(m) => Status::already_exists(m),
@@ -98,8 +73,7 @@ impl From<DirectoryError> for Status {
             DirectoryError::OutOfRange(m) => Status::out_of_range(m),
             DirectoryError::Auth(status) => status,
             DirectoryError::Search(SearchError::InvalidArgument { field, reason }) => {
-                let v = Violation::new(field, reason);
-                bad_request(invalid_message(std::slice::from_ref(&v)), vec![v])
+                bad_request(vec![Violation::new(field, reason)])
             }
             DirectoryError::ShuttingDown => Status::unavailable("the directory is shutting down; retry"),
             e @ (DirectoryError::Store(_)
@@ -113,34 +87,12 @@ impl From<DirectoryError> for Status {
     }
 }
 
-/// Budget for the field violations sent in one status. Details travel base64-encoded in the
-/// `grpc-status-details-bin` trailer, and HTTP/2 peers refuse header blocks over 16 KiB by default (the
-/// call then fails with a bare PROTOCOL_ERROR instead of INVALID_ARGUMENT), so a batch of thousands of
-/// bad entries reports the first violations that fit and says how many there were.
-const DETAILS_BUDGET_BYTES: usize = 6 * 1024;
-
-fn bad_request(message: String, violations: Vec<Violation>) -> Status {
-    let total = violations.len();
-    let mut used = 0;
-    let fvs: Vec<FieldViolation> = violations
-        .into_iter()
-        .take_while(|v| {
-            used += v.field.len() + v.description.len() + 8;
-            used <= DETAILS_BUDGET_BYTES
-        })
-        .map(|v| FieldViolation::new(v.field, v.description))
-        .collect();
-    let message = if fvs.len() < total {
-        format!("{message}; the details list the first {} of {total} violations", fvs.len())
-    } else {
-        message
-    };
-    Status::with_error_details(Code::InvalidArgument, message, ErrorDetails::with_bad_request(fvs))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use client_sdk::status::DETAILS_BUDGET_BYTES;
+    use tonic::Code;
+    use tonic_types::StatusExt;
 
     #[test]
     fn invalid_argument_carries_one_field_violation_per_field() {
