@@ -13,7 +13,7 @@ fi
 export GX_PYTHON="$PWD/.venv/bin/python"
 
 # The end-to-end tests start the binaries from target/debug: build them first, in the same profile.
-cargo build --workspace --bins --locked
+cargo build --workspace --bins --examples --locked
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0

@@ -449,6 +449,17 @@ fn records_exchange_through_the_cli_the_python_example_and_a_quota_reload() {
     assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains("PERMISSION_DENIED"));
 
+    // The Rust example program, as application developers run it.
+    let example = bin_path("examples/query_enterprise");
+    let out = std::process::Command::new(&example)
+        .args(["--node", &node("tax"), "--ca", pki.join("ca.crt").to_str().unwrap()])
+        .args(["--cert", pki.join("tax-app.crt").to_str().unwrap(), "--key", pki.join("tax-app.key").to_str().unwrap()])
+        .args([REGISTRATION, COMPANY])
+        .output()
+        .expect("run the Rust example");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("福州市闽江数据科技有限公司"), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+
     // Quality is refused, asks, commerce approves fewer items, quality is served those only.
     let (ok, out, err) = at("quality-app", "quality", &["records", "get", "--resource", PENALTIES, COMPANY]);
     assert!(!ok && format!("{out}{err}").contains("grant"), "{out}{err}");
