@@ -192,5 +192,7 @@ key = "/etc/keys/tax-node.key"
         let c = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(c.log_format, LogFormat::Json);
         assert!(c.catalog_file.is_some());
+        assert_eq!(c.quotas.len(), 2);
+        assert_eq!(c.relay.audit_seal_seconds, 10);
     }
 }
