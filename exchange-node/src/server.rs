@@ -95,7 +95,6 @@ pub async fn run_with_timing(
         provided_resources = policy.provided_resources(),
         grants_version = policy.grants_version(),
         revoked = revocations.len(),
-        records = records.count().unwrap_or(0),
         audit_entries = audit_log.len(),
         quota_rules = config.quotas.len(),
         "node state loaded"

@@ -13,6 +13,7 @@ use std::time::Duration;
 use client_sdk::catalog::CatalogFile;
 use client_sdk::identity::Role;
 use client_sdk::tls;
+use exchange_node::NodeError;
 use exchange_proto::v1::*;
 use tokio::net::TcpListener;
 use tonic::Code;

@@ -304,7 +304,6 @@ pub fn validate_batch(
     let key_type = items.get(key_item).map(|(_, t)| *t);
     // Quote values, or (population records: personal data) only say what is wrong.
     let got = |value: &str| if kind == KeyKind::Population { String::new() } else { format!(", got {}", quote(value)) };
-    let show_key = |key: &str| if kind == KeyKind::Population { mask_identity_number(key) } else { quote(key) };
 
     let mut out = Vec::new();
     let mut normalized = Vec::with_capacity(records.len());
@@ -336,15 +335,22 @@ pub fn validate_batch(
             let field = format!("records[{i}].items[{name}]");
             if name == key_item {
                 if value != record.key {
-                    out.push(FieldViolation::new(
-                        field,
-                        format!(
-                            "must equal the record key: the item holds {} but the key is {}{}",
-                            show_key(value),
-                            show_key(&record.key),
-                            if kind == KeyKind::Population { " (both shown masked)" } else { "" }
+                    let description = match kind {
+                        // An invalid identity number's violation may quote its birth date; with the masked
+                        // form next to it, the whole number could be read back. Quote nothing then.
+                        KeyKind::Population if !key_ok => "must equal the record key".to_string(),
+                        KeyKind::Population => format!(
+                            "must equal the record key: the item holds {} but the key is {} (both shown masked)",
+                            mask_identity_number(value),
+                            mask_identity_number(&record.key)
                         ),
-                    ));
+                        _ => format!(
+                            "must equal the record key: the item holds {} but the key is {}",
+                            quote(value),
+                            quote(&record.key)
+                        ),
+                    };
+                    out.push(FieldViolation::new(field, description));
                 }
                 continue;
             }
@@ -553,6 +559,8 @@ mod tests {
         let batch = vec![
             record(ID_1949, &[(POPULATION_KEY_ITEM, ID_1880), ("出生日期", "1949-12-30"), ("性别", "男")]),
             record(ID_1880, &[("姓名", "李四\u{7}"), ("出生日期", "18800101")]),
+            // An invalid date is quoted by the key's violation: the masked key must not appear beside it.
+            record(ID_30_FEB, &[(POPULATION_KEY_ITEM, "110105194902300021")]),
         ];
         let v = violations(&entry, batch);
         assert_eq!(
@@ -563,9 +571,13 @@ mod tests {
                 "records[0].items[出生日期]",
                 "records[1].items[姓名]",
                 "records[1].items[出生日期]",
+                "records[2].key",
+                "records[2].items[公民身份号码]",
             ]
         );
         assert!(v[0].description.contains("110105********002X") && v[0].description.contains("440524********0014"));
+        assert!(v[5].description.contains("19490230"), "{}", v[5].description);
+        assert_eq!(v[6].description, "must equal the record key");
         assert!(!v[3].description.contains("李四"), "{}", v[3].description);
         assert!(!v[4].description.contains("18800101"), "{}", v[4].description);
         assert_no_raw_ids(&v);

@@ -6,6 +6,7 @@
 //! cargo run --release -p e2e-tests --bin bench -- --entries 20000 --seconds 3
 //! cargo run --release -p e2e-tests --bin bench -- --only catalog   # echo, publish, search, restart
 //! cargo run --release -p e2e-tests --bin bench -- --only relay     # record relay vs a bare forwarder
+//! cargo run --release -p e2e-tests --bin bench -- --only relay-steps --seconds 5   # relay cost breakdown
 //! ```
 //!
 //! Everything runs in this process over real mutual TLS on 127.0.0.1 (client and servers share the cores,
@@ -22,7 +23,7 @@ use clap::{Parser, ValueEnum};
 use client_sdk::identity::Role;
 use client_sdk::tls::{self, TlsIdentity};
 use e2e_tests::federation;
-use e2e_tests::forwarder::{self, Backend, ForwarderPair};
+use e2e_tests::forwarder::{self, Backend, ForwarderPair, Steps};
 use e2e_tests::load::{self, LoadStats, OpenLoopStats};
 use e2e_tests::pki::TestPki;
 use e2e_tests::workload;
@@ -65,6 +66,9 @@ struct Args {
     /// Records loaded into the provider's node for the relay section.
     #[arg(long, default_value_t = 10_000)]
     records: usize,
+    /// Offered load (queries/s, open loop) for the latency phase of `--only relay-steps`.
+    #[arg(long, default_value_t = 2_000.0)]
+    steps_rate: f64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -73,6 +77,9 @@ enum Section {
     Catalog,
     /// Record relay between two department nodes, against a bare two-hop forwarder.
     Relay,
+    /// Not in the default run: the relay's per-call steps added one at a time to the bare forwarder
+    /// (where the relay's time goes, end to end).
+    RelaySteps,
 }
 
 struct Row {
@@ -220,6 +227,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if args.only.is_none_or(|s| s == Section::Relay) {
         relay_section(&args, &pki, tmp.path(), &mut rows).await?;
+    }
+    if args.only == Some(Section::RelaySteps) {
+        relay_steps_section(&args, &pki, tmp.path(), &mut rows).await?;
     }
 
     println!("\n| figure | measured | baseline (same run) | ratio | target |\n|---|---|---|---|---|");
@@ -660,4 +670,95 @@ async fn relay_section(args: &Args, pki: &TestPki, tmp: &std::path::Path, rows: 
 
 fn now_unix_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+/// The relay's per-call steps added one at a time to the bare forwarder, each variant measured like the
+/// relay section measures (closed loop at `concurrency` in flight, CPU per query; then open loop at
+/// `--steps-rate`), so each step's end-to-end cost shows on its own.
+async fn relay_steps_section(args: &Args, pki: &TestPki, tmp: &std::path::Path, rows: &mut Vec<Row>) -> anyhow::Result<()> {
+    let phase = Duration::from_secs(args.seconds);
+    let warm_up = Duration::from_secs(1.min(args.seconds));
+    let entry = client_sdk::catalog::CatalogFile::load_entries(&federation::sample_catalog("commerce"))?
+        .into_iter()
+        .find(|e| e.resource_code == RELAY_RESOURCE)
+        .expect("the sample catalog has the resource");
+    let data_items: Vec<String> = entry.data_items.iter().map(|d| d.name.clone()).collect();
+    let records = federation::enterprise_records(args.records, 2026);
+    let keys: Arc<Vec<String>> = Arc::new(records.iter().map(|r| r.key.clone()).collect());
+    let tax_app = pki.identity("tax", Role::App, "tax-app");
+    let variants = [
+        Steps::default(),
+        Steps { identity: true, ..Default::default() },
+        Steps { audit: true, ..Default::default() },
+        Steps { sled: true, ..Default::default() },
+        Steps { sled: true, blocking: true, ..Default::default() },
+        Steps { identity: true, audit: true, sled: true, blocking: true },
+    ];
+    println!("relay steps: each added alone to the bare forwarder, then all together; {} s closed loop at {} in flight, {} s open loop at {}/s",
+        args.seconds, args.concurrency, args.seconds, args.steps_rate);
+    let mut bare: Option<(f64, Duration)> = None;
+    for (n, steps) in variants.into_iter().enumerate() {
+        let dir = tmp.join(format!("steps-{n}"));
+        std::fs::create_dir_all(&dir)?;
+        let backend = Backend::new(federation::as_stored(&records, now_unix_ms()), "commerce", data_items.clone())
+            .with_steps(steps, &dir, RELAY_RESOURCE)?;
+        let pair = ForwarderPair::start_with(
+            pki.identity("commerce", Role::Node, "bench-backend-commerce"),
+            pki.identity("tax", Role::Node, "bench-forwarder-tax"),
+            backend,
+            steps,
+            Some(&dir),
+        )
+        .await?;
+        let clients = Arc::new(
+            channels_to(&pair.addr, &tax_app, &[Role::Node], args.connections)
+                .await?
+                .into_iter()
+                .map(forwarder::client_on)
+                .collect::<Vec<_>>(),
+        );
+        let call = {
+            let (clients, keys) = (clients.clone(), keys.clone());
+            move |i: u64| {
+                let mut c = clients[i as usize % clients.len()].clone();
+                let key = keys[key_index(i, keys.len())].clone();
+                async move {
+                    let resp = c.query_records(one_key_query(&key)).await?.into_inner();
+                    check_answer(&resp, &key)
+                }
+            }
+        };
+        let _ = load::run(8, u64::MAX, warm_up, call.clone()).await;
+        let cpu = load::process_cpu_time();
+        let heavy = load::run(args.concurrency, u64::MAX, phase, call.clone()).await;
+        let cpu = match (cpu, load::process_cpu_time()) {
+            (Some(b), Some(a)) if heavy.calls > 0 => (a - b) / heavy.calls as u32,
+            _ => Duration::ZERO,
+        };
+        let open = load::run_open(args.steps_rate, phase, 4 * args.concurrency.max(64), call.clone()).await;
+        println!(
+            "{:<70} {:>6.0}/s, {:>4.0} µs CPU per query; at {:.0}/s: p50 {} p99 {} p99.9 {} ({} errors, {} not sent)",
+            steps.describe(),
+            heavy.per_second(),
+            cpu.as_secs_f64() * 1e6,
+            open.rate,
+            ms(open.stats.percentile(50.0)),
+            ms(open.stats.percentile(99.0)),
+            ms(open.stats.percentile(99.9)),
+            heavy.errors + open.stats.errors,
+            open.dropped,
+        );
+        let (base_rate, base_cpu) = *bare.get_or_insert((heavy.per_second(), cpu));
+        rows.push(Row {
+            figure: steps.describe(),
+            value: format!("{:.0}/s, {:.0} µs CPU/query", heavy.per_second(), cpu.as_secs_f64() * 1e6),
+            baseline: format!("bare {:.0}/s, {:.0} µs", base_rate, base_cpu.as_secs_f64() * 1e6),
+            ratio: format!("{:.0}%, +{:.0} µs", 100.0 * heavy.per_second() / base_rate.max(1e-9),
+                (cpu.as_secs_f64() - base_cpu.as_secs_f64()) * 1e6),
+            target: format!("p99 {} at {:.0}/s", ms(open.stats.percentile(99.0)), open.rate),
+        });
+        drop(clients);
+        pair.shutdown().await?;
+    }
+    Ok(())
 }
