@@ -30,7 +30,7 @@ use tonic::Request;
 
 use crate::audit::{AuditRecord, Side};
 use crate::error::NodeError;
-use crate::relay::{check_keys, check_request, now_us, status_code_of, Exchange, MAX_PURPOSE_CHARS};
+use crate::relay::{check_keys, check_request, now_us, Exchange};
 
 const TREE_RESOLVED: &str = "consumer_resolved";
 
@@ -150,39 +150,19 @@ impl Consumer {
     pub async fn query(&self, app: &PeerIdentity, body: QueryRecordsRequest) -> Result<QueryRecordsResponse, NodeError> {
         let x = &self.exchange;
         let message_id = random_message_id();
-        let mut audit = AuditRecord {
-            message_id: message_id.clone(),
-            side: Side::Consumer,
-            consumer: x.me.department.clone(),
-            provider: String::new(),
-            resource_code: body.resource_code.chars().take(64).collect(),
-            key_hash: x.hasher.hash_keys(&body.keys),
-            data_items: Vec::new(),
-            result_code: 0,
-            request_bytes: body.encoded_len() as u64,
-            response_bytes: 0,
-            request_in_us: now_us(),
-            request_out_us: 0,
-            response_in_us: 0,
-            response_out_us: 0,
-            caller: app.name.clone(),
-            purpose: body.purpose.chars().take(MAX_PURPOSE_CHARS).collect(),
-            error: String::new(),
-        };
+        let mut audit = x.open_audit(
+            &message_id,
+            Side::Consumer,
+            &x.me.department,
+            "",
+            &body.resource_code,
+            &body.keys,
+            body.encoded_len(),
+            app,
+            &body.purpose,
+        );
         let result = self.relay(&message_id, &body, &mut audit).await;
-        match &result {
-            Ok(resp) => {
-                audit.response_bytes = resp.encoded_len() as u64;
-                audit.data_items = resp.data_items.clone();
-            }
-            Err(e) => {
-                audit.result_code = status_code_of(e) as i32;
-                audit.error = e.to_string();
-            }
-        }
-        audit.response_out_us = now_us();
-        x.append_audit(audit)?;
-        result
+        x.close_audit(audit, result, |r| r.data_items.clone())
     }
 
     async fn relay(

@@ -97,8 +97,64 @@ impl Exchange {
         }
     }
 
-    pub fn append_audit(&self, record: AuditRecord) -> Result<(), NodeError> {
-        self.audit.append(record).map(|_| ()).map_err(|e| NodeError::Audit(e.to_string()))
+    /// The audit entry of a call that arrived now; the relay fills in the rest as it goes.
+    #[allow(clippy::too_many_arguments)]
+    pub fn open_audit(
+        &self,
+        message_id: &str,
+        side: Side,
+        consumer: &str,
+        provider: &str,
+        resource_code: &str,
+        keys: &[String],
+        request_bytes: usize,
+        caller: &PeerIdentity,
+        purpose: &str,
+    ) -> AuditRecord {
+        AuditRecord {
+            message_id: message_id.chars().take(MAX_MESSAGE_ID_CHARS).collect(),
+            side,
+            consumer: consumer.to_string(),
+            provider: provider.to_string(),
+            // Bounded: the fields come from the caller and may be refused as too long.
+            resource_code: resource_code.chars().take(64).collect(),
+            key_hash: self.hasher.hash_keys(keys),
+            data_items: Vec::new(),
+            result_code: 0,
+            request_bytes: request_bytes as u64,
+            response_bytes: 0,
+            request_in_us: now_us(),
+            request_out_us: 0,
+            response_in_us: 0,
+            response_out_us: 0,
+            caller: caller.name.clone(),
+            purpose: purpose.chars().take(MAX_PURPOSE_CHARS).collect(),
+            error: String::new(),
+        }
+    }
+
+    /// Completes `audit` with the outcome and appends it. An answer that cannot be recorded is withheld:
+    /// the append's failure replaces the result.
+    pub fn close_audit<T: Message>(
+        &self,
+        mut audit: AuditRecord,
+        result: Result<T, NodeError>,
+        data_items: impl FnOnce(&T) -> Vec<String>,
+    ) -> Result<T, NodeError> {
+        match &result {
+            Ok(resp) => {
+                audit.response_bytes = resp.encoded_len() as u64;
+                audit.data_items = data_items(resp);
+            }
+            Err(e) => {
+                audit.result_code = status_code_of(e) as i32;
+                audit.error = e.to_string();
+                tracing::info!(message_id = %audit.message_id, side = audit.side.as_str(), consumer = %audit.consumer, resource = %audit.resource_code, error = %e, "relay request refused");
+            }
+        }
+        audit.response_out_us = now_us();
+        self.audit.append(audit).map_err(|e| NodeError::Audit(e.to_string()))?;
+        result
     }
 }
 
@@ -230,7 +286,6 @@ impl RelayService {
                 body.resource_code, x.me.department
             )));
         }
-        audit.data_items = d.data_items;
         Ok(response)
     }
 }
@@ -241,42 +296,22 @@ impl Relay for RelayService {
         &self,
         request: Request<FetchRecordsRequest>,
     ) -> Result<Response<FetchRecordsResponse>, Status> {
-        let request_in_us = now_us();
         let id = caller(&request)?.clone();
         let body = request.into_inner();
         let x = &self.exchange;
-        let mut audit = AuditRecord {
-            message_id: body.message_id.chars().take(MAX_MESSAGE_ID_CHARS).collect(),
-            side: Side::Provider,
-            consumer: id.department.clone(),
-            provider: x.me.department.clone(),
-            resource_code: body.resource_code.chars().take(64).collect(),
-            key_hash: x.hasher.hash_keys(&body.keys),
-            data_items: Vec::new(),
-            result_code: 0,
-            request_bytes: body.encoded_len() as u64,
-            response_bytes: 0,
-            request_in_us,
-            request_out_us: 0,
-            response_in_us: 0,
-            response_out_us: 0,
-            caller: id.name.clone(),
-            purpose: body.purpose.chars().take(MAX_PURPOSE_CHARS).collect(),
-            error: String::new(),
-        };
+        let mut audit = x.open_audit(
+            &body.message_id,
+            Side::Provider,
+            &id.department,
+            &x.me.department,
+            &body.resource_code,
+            &body.keys,
+            body.encoded_len(),
+            &id,
+            &body.purpose,
+        );
         let result = self.serve(&id, &body, &mut audit).await;
-        match &result {
-            Ok(resp) => audit.response_bytes = resp.encoded_len() as u64,
-            Err(e) => {
-                audit.result_code = status_code_of(e) as i32;
-                audit.error = e.to_string();
-                tracing::info!(message_id = %audit.message_id, consumer = %id, resource = %audit.resource_code, error = %e, "relay request refused");
-            }
-        }
-        audit.response_out_us = now_us();
-        // Withhold the answer if it cannot be recorded.
-        x.append_audit(audit)?;
-        result.map(Response::new).map_err(Status::from)
+        x.close_audit(audit, result, |r| r.data_items.clone()).map(Response::new).map_err(Status::from)
     }
 }
 

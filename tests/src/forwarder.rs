@@ -231,7 +231,7 @@ pub async fn serve<S: BenchRecords>(
     let service = BenchRecordsServer::new(service)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let builder = tonic::transport::Server::builder();
+    let mut builder = tonic::transport::Server::builder();
     if identity_check {
         let interceptor = IdentityInterceptor::new(RevocationSet::default());
         builder
