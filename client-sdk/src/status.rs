@@ -6,6 +6,28 @@ use std::time::Duration;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
 
+/// gRPC status code names as the gRPC spec writes them, indexed by code (`GRPC_CODE_NAMES[7]` is
+/// `PERMISSION_DENIED`).
+pub const GRPC_CODE_NAMES: [&str; 17] = [
+    "OK",
+    "CANCELLED",
+    "UNKNOWN",
+    "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "ABORTED",
+    "OUT_OF_RANGE",
+    "UNIMPLEMENTED",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DATA_LOSS",
+    "UNAUTHENTICATED",
+];
+
 /// One bad request field: a path like `entries[3].data_items[0].name` or `records[2].items[注册资本]`,
 /// and what is wrong with it.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -197,18 +197,6 @@ pub enum AuditError {
     InvalidFilter { field: &'static str, reason: String },
 }
 
-impl From<AuditError> for tonic::Status {
-    fn from(e: AuditError) -> tonic::Status {
-        match e {
-            e @ AuditError::InvalidFilter { .. } => tonic::Status::invalid_argument(e.to_string()),
-            e => {
-                tracing::error!(error = %e, "audit log error");
-                tonic::Status::internal(e.to_string())
-            }
-        }
-    }
-}
-
 /// Where and how a log fails verification.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum Tampering {
@@ -889,25 +877,7 @@ impl<T: AuditSource + ?Sized> AuditSource for Arc<T> {
 /// - `limit`: 0 = [`DEFAULT_QUERY_LIMIT`]; at most [`MAX_QUERY_LIMIT`] (larger ones are lowered).
 pub type AuditFilter = QueryAuditRequest;
 
-const GRPC_CODES: [&str; 17] = [
-    "OK",
-    "CANCELLED",
-    "UNKNOWN",
-    "INVALID_ARGUMENT",
-    "DEADLINE_EXCEEDED",
-    "NOT_FOUND",
-    "ALREADY_EXISTS",
-    "PERMISSION_DENIED",
-    "RESOURCE_EXHAUSTED",
-    "FAILED_PRECONDITION",
-    "ABORTED",
-    "OUT_OF_RANGE",
-    "UNIMPLEMENTED",
-    "INTERNAL",
-    "UNAVAILABLE",
-    "DATA_LOSS",
-    "UNAUTHENTICATED",
-];
+use client_sdk::status::GRPC_CODE_NAMES as GRPC_CODES;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum ResultFilter {
@@ -1606,11 +1576,12 @@ mod tests {
         let err = query(&log, &AuditFilter { result: "DENIED".into(), ..Default::default() }, &h).unwrap_err();
         assert!(matches!(err, AuditError::InvalidFilter { field: "result", .. }), "{err}");
         assert!(err.to_string().contains("PERMISSION_DENIED"), "lists the valid names: {err}");
-        assert_eq!(tonic::Status::from(err).code(), tonic::Code::InvalidArgument);
+        let status = tonic::Status::from(crate::error::NodeError::from(err));
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
         let err = query(&log, &AuditFilter { from_unix_ms: 5, to_unix_ms: 4, ..Default::default() }, &h).unwrap_err();
         assert!(matches!(err, AuditError::InvalidFilter { field: "from_unix_ms", .. }), "{err}");
-        let store: tonic::Status = AuditError::Corrupt { key: "00".into(), reason: "x".into() }.into();
-        assert_eq!(store.code(), tonic::Code::Internal);
+        let store = crate::error::NodeError::from(AuditError::Corrupt { key: "00".into(), reason: "x".into() });
+        assert_eq!(tonic::Status::from(store).code(), tonic::Code::Internal);
     }
 
     // ---- keys ----

@@ -73,6 +73,15 @@ impl NodeError {
     }
 }
 
+impl From<crate::audit::AuditError> for NodeError {
+    fn from(e: crate::audit::AuditError) -> Self {
+        match e {
+            crate::audit::AuditError::InvalidFilter { field, reason } => NodeError::invalid(field, reason),
+            e => NodeError::Audit(e.to_string()),
+        }
+    }
+}
+
 impl From<sled::Error> for NodeError {
     fn from(e: sled::Error) -> Self {
         NodeError::Store(e.to_string())

@@ -226,8 +226,12 @@ pub async fn run_with_timing(
     let _ = registration.await;
     let _ = sync.await;
     let _ = reloader.await;
-    // The sealer seals once more on the way out, so every entry of this run is covered by a signature.
     let _ = sealer.await;
+    // The sealer stopped when draining began; calls that finished since appended entries: seal them too,
+    // so every entry of this run is covered by a signature.
+    if let Err(e) = audit_log.seal(audit::now_us()) {
+        tracing::error!(error = %e, "could not seal the audit trail on shutdown");
+    }
     store.flush()?;
     tracing::info!("exchange node stopped");
     served

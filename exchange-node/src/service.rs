@@ -182,10 +182,7 @@ impl ExchangeNode for NodeService {
         let (entries, truncated, total_entries) = tokio::task::spawn_blocking(move || audit::query(&*audit, &body, &hasher))
             .await
             .map_err(|e| NodeError::Store(format!("audit task: {e}")))?
-            .map_err(|e| match e {
-                audit::AuditError::InvalidFilter { field, reason } => NodeError::invalid(field, reason),
-                e => NodeError::Audit(e.to_string()),
-            })?;
+            .map_err(NodeError::from)?;
         Ok(Response::new(QueryAuditResponse { entries, total_entries, truncated }))
     }
 

@@ -172,3 +172,37 @@ pub fn process_cpu_time() -> Option<Duration> {
     let stime: u64 = fields.get(12)?.parse().ok()?;
     Some(Duration::from_millis((utime + stime) * 10))
 }
+
+/// Busy CPU time of the whole machine so far (all cores: user, nice, system, irq, softirq, steal), from
+/// `/proc/stat`; `None` where that file does not exist.
+pub fn machine_busy_time() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().next()?;
+    let v: Vec<u64> = line.split_whitespace().skip(1).filter_map(|f| f.parse().ok()).collect();
+    // user nice system idle iowait irq softirq steal ...
+    let busy = v.first()? + v.get(1)? + v.get(2)? + v.get(5)? + v.get(6)? + v.get(7).copied().unwrap_or(0);
+    Some(Duration::from_millis(busy * 10))
+}
+
+/// How much of the machine other processes used during a measurement: a shared 2-core box is only
+/// comparable with itself when this is known.
+pub struct OthersMeter {
+    started: Instant,
+    own: Option<Duration>,
+    machine: Option<Duration>,
+}
+
+impl OthersMeter {
+    pub fn start() -> Self {
+        OthersMeter { started: Instant::now(), own: process_cpu_time(), machine: machine_busy_time() }
+    }
+
+    /// The share of all cores (0.0 to 1.0) that other processes kept busy since [`OthersMeter::start`].
+    pub fn others_share(&self) -> Option<f64> {
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) as f64;
+        let own = process_cpu_time()?.checked_sub(self.own?)?;
+        let machine = machine_busy_time()?.checked_sub(self.machine?)?;
+        let others = machine.saturating_sub(own).as_secs_f64();
+        Some((others / (self.started.elapsed().as_secs_f64() * cores)).clamp(0.0, 1.0))
+    }
+}

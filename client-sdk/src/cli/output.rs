@@ -87,26 +87,7 @@ pub fn format_day_ms(ms: i64) -> String {
     format_unix(ms.div_euclid(1000)).get(..10).unwrap_or_default().to_string()
 }
 
-/// gRPC status code names, indexed by code.
-pub const GRPC_CODE_NAMES: [&str; 17] = [
-    "OK",
-    "CANCELLED",
-    "UNKNOWN",
-    "INVALID_ARGUMENT",
-    "DEADLINE_EXCEEDED",
-    "NOT_FOUND",
-    "ALREADY_EXISTS",
-    "PERMISSION_DENIED",
-    "RESOURCE_EXHAUSTED",
-    "FAILED_PRECONDITION",
-    "ABORTED",
-    "OUT_OF_RANGE",
-    "UNIMPLEMENTED",
-    "INTERNAL",
-    "UNAVAILABLE",
-    "DATA_LOSS",
-    "UNAUTHENTICATED",
-];
+pub use crate::status::GRPC_CODE_NAMES;
 
 /// The name of a gRPC status code (`PERMISSION_DENIED`), `CODE_N` for one this build does not know.
 pub fn code_name(code: i32) -> String {

@@ -594,27 +594,32 @@ async fn relay_section(args: &Args, pki: &TestPki, tmp: &std::path::Path, rows: 
         _ => None,
     };
     let us = |d: Option<Duration>| d.map_or("?".to_string(), |d| format!("{:.0} µs", d.as_secs_f64() * 1e6));
+    let others = |m: &load::OthersMeter| m.others_share().map_or("?".into(), |s| format!("{:.0}%", s * 100.0));
+    let section = load::OthersMeter::start();
     let _ = load::run(8, u64::MAX, warm_up, forwarder_call.clone()).await;
-    let cpu = load::process_cpu_time();
+    let (cpu, meter) = (load::process_cpu_time(), load::OthersMeter::start());
     let fwd_heavy = load::run(args.concurrency, u64::MAX, phase, forwarder_call.clone()).await;
     let fwd_cpu = cpu_per_call(cpu, &fwd_heavy);
-    println!("forwarder: {:.0}/s at {} in flight ({} errors), {} CPU per query",
-        fwd_heavy.per_second(), args.concurrency, fwd_heavy.errors, us(fwd_cpu));
+    println!("forwarder: {:.0}/s at {} in flight ({} errors), {} CPU per query; other processes used {} of the machine",
+        fwd_heavy.per_second(), args.concurrency, fwd_heavy.errors, us(fwd_cpu), others(&meter));
     let _ = load::run(8, u64::MAX, warm_up, relay_call.clone()).await;
-    let cpu = load::process_cpu_time();
+    let (cpu, meter) = (load::process_cpu_time(), load::OthersMeter::start());
     let relay_heavy = load::run(args.concurrency, u64::MAX, phase, relay_call.clone()).await;
     let relay_cpu = cpu_per_call(cpu, &relay_heavy);
-    println!("relay: {:.0}/s at {} in flight ({} errors), {} CPU per query",
-        relay_heavy.per_second(), args.concurrency, relay_heavy.errors, us(relay_cpu));
+    println!("relay: {:.0}/s at {} in flight ({} errors), {} CPU per query; other processes used {} of the machine",
+        relay_heavy.per_second(), args.concurrency, relay_heavy.errors, us(relay_cpu), others(&meter));
 
     // ---- latency, open loop at half of each system's own peak ----
     let fwd_rate = (fwd_heavy.per_second() / 2.0).max(1.0);
     let relay_rate = (relay_heavy.per_second() / 2.0).max(1.0);
     let max_outstanding = 4 * args.concurrency.max(64);
+    let meter = load::OthersMeter::start();
     let fwd_open = load::run_open(fwd_rate, phase, max_outstanding, forwarder_call.clone()).await;
-    println!("{}", open_loop_line("forwarder", &fwd_open));
+    println!("{}; other processes used {} of the machine", open_loop_line("forwarder", &fwd_open), others(&meter));
+    let meter = load::OthersMeter::start();
     let relay_open = load::run_open(relay_rate, phase, max_outstanding, relay_call.clone()).await;
-    println!("{}", open_loop_line("relay", &relay_open));
+    println!("{}; other processes used {} of the machine", open_loop_line("relay", &relay_open), others(&meter));
+    let others_share = section.others_share();
 
     rows.push(rate_row(
         &format!("relay throughput, 1 key per query ({} in flight, {} connections)", args.concurrency, args.connections),
@@ -643,6 +648,13 @@ async fn relay_section(args: &Args, pki: &TestPki, tmp: &std::path::Path, rows: 
             target: String::new(),
         });
     }
+    rows.push(Row {
+        figure: "(noise) other processes' share of the 2 cores during the relay measurements".into(),
+        value: others_share.map_or("?".into(), |s| format!("{:.0}%", s * 100.0)),
+        baseline: String::new(),
+        ratio: String::new(),
+        target: "0% on a quiet machine".into(),
+    });
     for (name, o) in [("relay", &relay_open), ("forwarder", &fwd_open)] {
         if o.stats.errors > 0 || o.dropped > 0 {
             println!("warning: {name} open loop had {} errors and {} calls not sent", o.stats.errors, o.dropped);
@@ -729,7 +741,7 @@ async fn relay_steps_section(args: &Args, pki: &TestPki, tmp: &std::path::Path, 
             }
         };
         let _ = load::run(8, u64::MAX, warm_up, call.clone()).await;
-        let cpu = load::process_cpu_time();
+        let (cpu, meter) = (load::process_cpu_time(), load::OthersMeter::start());
         let heavy = load::run(args.concurrency, u64::MAX, phase, call.clone()).await;
         let cpu = match (cpu, load::process_cpu_time()) {
             (Some(b), Some(a)) if heavy.calls > 0 => (a - b) / heavy.calls as u32,
@@ -737,7 +749,7 @@ async fn relay_steps_section(args: &Args, pki: &TestPki, tmp: &std::path::Path, 
         };
         let open = load::run_open(args.steps_rate, phase, 4 * args.concurrency.max(64), call.clone()).await;
         println!(
-            "{:<70} {:>6.0}/s, {:>4.0} µs CPU per query; at {:.0}/s: p50 {} p99 {} p99.9 {} ({} errors, {} not sent)",
+            "{:<70} {:>6.0}/s, {:>4.0} µs CPU per query; at {:.0}/s: p50 {} p99 {} p99.9 {} ({} errors, {} not sent; others used {:.0}%)",
             steps.describe(),
             heavy.per_second(),
             cpu.as_secs_f64() * 1e6,
@@ -747,6 +759,7 @@ async fn relay_steps_section(args: &Args, pki: &TestPki, tmp: &std::path::Path, 
             ms(open.stats.percentile(99.9)),
             heavy.errors + open.stats.errors,
             open.dropped,
+            meter.others_share().unwrap_or(f64::NAN) * 100.0,
         );
         let (base_rate, base_cpu) = *bare.get_or_insert((heavy.per_second(), cpu));
         rows.push(Row {
