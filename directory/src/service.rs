@@ -169,19 +169,14 @@ impl Core {
             ));
         }
         invalid_if_any(violations)?;
-        let previous_key = self
-            .stores
-            .nodes
-            .list(Some(&id.department))
-            .await?
-            .into_iter()
-            .find(|n| n.node_name == id.name)
-            .map(|n| n.audit_verifying_key_hex)
-            .unwrap_or_default();
+        let previous = self.stores.nodes.list(Some(&id.department)).await?.into_iter().find(|n| n.node_name == id.name);
+        let previous_key = previous.as_ref().map(|n| n.audit_verifying_key_hex.clone()).unwrap_or_default();
         if !previous_key.is_empty() && previous_key != audit_key {
             // Allowed (keys get rotated), but never quietly: audit trails sealed with the old key need it.
             tracing::warn!(node = %id, old = %previous_key, new = %audit_key, "node changed its audit verifying key");
         }
+        // The anchor stays across re-registrations with the same key: a node cannot shed it by registering again.
+        let audit_anchor = previous.filter(|p| p.audit_verifying_key_hex == audit_key).and_then(|p| p.audit_anchor);
         let now = now_unix_ms();
         let node = NodeRecord {
             department: id.department.clone(),
@@ -192,6 +187,7 @@ impl Core {
             last_heartbeat_unix_ms: now,
             lease_expires_unix_ms: now + i64::from(self.settings.lease_ttl_seconds) * 1000,
             audit_verifying_key_hex: audit_key,
+            audit_anchor,
         };
         self.stores.nodes.register(node.clone()).await?;
         tracing::info!(node = %id, address = %node.address, "node registered");
@@ -202,11 +198,25 @@ impl Core {
         })
     }
 
-    async fn heartbeat(&self, id: PeerIdentity) -> Result<HeartbeatResponse> {
+    async fn heartbeat(&self, id: PeerIdentity, req: HeartbeatRequest) -> Result<HeartbeatResponse> {
         allow(&id, &[Role::Node], "Heartbeat")?;
         let now = now_unix_ms();
         let lease = now + i64::from(self.settings.lease_ttl_seconds) * 1000;
-        match self.stores.nodes.heartbeat(&id.department, &id.name, now, lease).await? {
+        let seal = req.audit_seal.filter(|s| s.upto_seq > 0);
+        if let Some(s) = &seal {
+            if s.chain_hash.len() != 64 || s.signature.len() != 128 {
+                return Err(DirectoryError::invalid("audit_seal", "chain_hash is 64 and signature 128 hex characters"));
+            }
+        }
+        match self.stores.nodes.heartbeat(&id.department, &id.name, now, lease, seal.clone()).await? {
+            Some(node) if seal.as_ref().zip(node.audit_anchor.as_ref()).is_some_and(|(s, a)| s.upto_seq < a.upto_seq) => {
+                // The node's newest seal is older than one it reported before: its trail lost sealed entries.
+                tracing::error!(node = %id, reported = seal.map(|s| s.upto_seq), anchored = node.audit_anchor.map(|a| a.upto_seq), "a node's audit trail went backwards: sealed entries were removed");
+                Ok(HeartbeatResponse {
+                    lease_expires_unix_ms: node.lease_expires_unix_ms,
+                    catalog_version: self.stores.catalog.current_version().await?,
+                })
+            }
             Some(node) => Ok(HeartbeatResponse {
                 lease_expires_unix_ms: node.lease_expires_unix_ms,
                 catalog_version: self.stores.catalog.current_version().await?,
@@ -852,7 +862,7 @@ impl Directory for DirectoryService {
         &self,
         req: Request<HeartbeatRequest>,
     ) -> std::result::Result<Response<HeartbeatResponse>, Status> {
-        reply(async { self.core.heartbeat(identity(&req)?).await }.await)
+        reply(async { self.core.heartbeat(identity(&req)?, req.into_inner()).await }.await)
     }
 
     async fn list_nodes(

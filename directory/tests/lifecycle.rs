@@ -118,7 +118,7 @@ async fn node_lease_lapses_to_offline_and_heartbeat_renews_it() {
     let f = Fixture::start_with(|c| c.lease_ttl_seconds = 1).await;
     let mut node = f.client_as("tax", Role::Node);
 
-    let status = node.heartbeat(HeartbeatRequest {}).await.unwrap_err();
+    let status = node.heartbeat(HeartbeatRequest::default()).await.unwrap_err();
     assert_eq!(status.code(), Code::FailedPrecondition);
     assert!(status.message().contains("register first"), "{}", status.message());
 
@@ -146,7 +146,7 @@ async fn node_lease_lapses_to_offline_and_heartbeat_renews_it() {
     let list = app.list_nodes(ListNodesRequest::default()).await.unwrap().into_inner();
     assert_eq!(status_of(list), [NodeStatus::Offline as i32]);
 
-    let hb = node.heartbeat(HeartbeatRequest {}).await.unwrap().into_inner();
+    let hb = node.heartbeat(HeartbeatRequest::default()).await.unwrap().into_inner();
     assert!(hb.lease_expires_unix_ms > directory::service::now_unix_ms());
     let list = app.list_nodes(ListNodesRequest::default()).await.unwrap().into_inner();
     assert_eq!(status_of(list), [NodeStatus::Online as i32]);

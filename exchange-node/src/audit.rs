@@ -197,6 +197,27 @@ pub enum AuditError {
     InvalidFilter { field: &'static str, reason: String },
 }
 
+/// How the local trail disagrees with the anchor the directory holds.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum AnchorMismatch {
+    #[error("the directory holds a seal of this node up to entry {upto_seq}, but the log ends at entry {last}: sealed entries (and their seals) were cut off")]
+    Cut { upto_seq: u64, last: u64 },
+    #[error("the directory holds a seal of this node up to entry {upto_seq} that the log no longer matches: entries up to {upto_seq} were rewritten")]
+    Rewritten { upto_seq: u64 },
+    #[error("the directory's anchor up to entry {upto_seq} is not signed with this node's audit key (the key file was replaced?)")]
+    NotOurs { upto_seq: u64 },
+}
+
+impl AnchorMismatch {
+    /// The entry the mismatch concerns.
+    pub fn seq(&self) -> u64 {
+        match self {
+            AnchorMismatch::Cut { last, .. } => last + 1,
+            AnchorMismatch::Rewritten { upto_seq } | AnchorMismatch::NotOurs { upto_seq } => *upto_seq,
+        }
+    }
+}
+
 /// Where and how a log fails verification.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum Tampering {
@@ -651,6 +672,42 @@ impl AuditLog {
         Ok(Some(seal))
     }
 
+    /// The latest seal, if any (sent to the directory with each heartbeat as an anchor).
+    pub fn last_seal(&self) -> Result<Option<Seal>, AuditError> {
+        match self.seals.last()? {
+            None => Ok(None),
+            Some((key, value)) => serde_json::from_slice(&value).map(Some).map_err(|e| AuditError::Corrupt {
+                key: format!("seal {}", seq_of_key(&key)),
+                reason: e.to_string(),
+            }),
+        }
+    }
+
+    /// Checks an anchor the directory holds (a seal this node reported earlier) against the local trail:
+    /// its signature must be this node's, the entry it covers must still exist, and the chain hash there
+    /// must be the anchored one. `Err` describes the tampering.
+    pub fn check_anchor(&self, anchor: &Seal) -> Result<(), AnchorMismatch> {
+        let signature = hex::decode(&anchor.signature)
+            .ok()
+            .and_then(|b| <[u8; 64]>::try_from(b.as_slice()).ok())
+            .map(|b| Signature::from_bytes(&b));
+        let signed = signature.is_some_and(|sig| {
+            self.verifying_key().verify_strict(&seal_message(anchor.upto_seq, &anchor.chain_hash), &sig).is_ok()
+        });
+        if !signed {
+            return Err(AnchorMismatch::NotOurs { upto_seq: anchor.upto_seq });
+        }
+        let stored = self.entries.get(anchor.upto_seq.to_be_bytes()).ok().flatten();
+        let Some(stored) = stored else {
+            return Err(AnchorMismatch::Cut { upto_seq: anchor.upto_seq, last: self.last_seq() });
+        };
+        let hash = serde_json::from_slice::<ChainEntry>(&stored).map(|e| e.hash).unwrap_or_default();
+        if hash != anchor.chain_hash {
+            return Err(AnchorMismatch::Rewritten { upto_seq: anchor.upto_seq });
+        }
+        Ok(())
+    }
+
     /// Records in sequence order.
     pub fn records(&self) -> impl Iterator<Item = Result<(u64, AuditRecord), AuditError>> + '_ {
         self.entries.iter().map(|kv| {
@@ -803,9 +860,8 @@ fn report(result: Result<Result<Verified, Tampering>, AuditError>, key: &Verifyi
             entries: v.entries,
             seals: v.seals,
             unsealed: v.unsealed,
-            problem: String::new(),
-            problem_seq: 0,
             verifying_key_hex,
+            ..Default::default()
         },
         Ok(Err(t)) => VerifyAuditResponse {
             intact: false,

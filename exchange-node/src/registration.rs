@@ -25,7 +25,7 @@ use client_sdk::client::{self, BatchPublishError};
 use client_sdk::error::ClientError;
 use exchange_proto::v1::directory_client::DirectoryClient;
 use exchange_proto::v1::{
-    CatalogEntry, HeartbeatRequest, HeartbeatResponse, RegisterNodeRequest,
+    AuditSeal, CatalogEntry, HeartbeatRequest, HeartbeatResponse, RegisterNodeRequest,
     RegisterNodeResponse,
 };
 use tokio::sync::watch;
@@ -33,6 +33,7 @@ use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
+use crate::audit::AuditLog;
 use crate::error::NodeError;
 use crate::state::{NodeState, SOFTWARE_VERSION};
 use crate::store::NodeStore;
@@ -104,6 +105,8 @@ pub struct Registrar {
     pub store: Arc<dyn NodeStore>,
     /// The node's audit seal key (hex), registered so others can check the node's audit trail.
     pub audit_verifying_key_hex: String,
+    /// The node's audit trail, whose latest seal each heartbeat reports.
+    pub audit: Option<Arc<AuditLog>>,
     pub catalog: Option<CatalogToPublish>,
     pub timing: Timing,
 }
@@ -167,7 +170,21 @@ impl Registrar {
     }
 
     async fn heartbeat(&self) -> Result<HeartbeatResponse, Status> {
-        self.directory.clone().heartbeat(self.request(HeartbeatRequest {})).await.map(|r| r.into_inner())
+        // The latest audit seal goes along, so the directory holds an anchor of this node's audit trail.
+        let audit_seal = match self.audit.as_ref().map(|a| a.last_seal()) {
+            Some(Ok(Some(seal))) => Some(AuditSeal {
+                upto_seq: seal.upto_seq,
+                chain_hash: seal.chain_hash,
+                sealed_at_us: seal.sealed_at_us,
+                signature: seal.signature,
+            }),
+            Some(Err(e)) => {
+                tracing::error!(error = %e, "cannot read the latest audit seal");
+                None
+            }
+            _ => None,
+        };
+        self.directory.clone().heartbeat(self.request(HeartbeatRequest { audit_seal })).await.map(|r| r.into_inner())
     }
 
     async fn lease_task(self: Arc<Self>, mut shutdown: watch::Receiver<bool>, registered: watch::Sender<u64>) {

@@ -130,6 +130,7 @@ pub async fn run_with_timing(
         state: state.clone(),
         store: store.clone(),
         audit_verifying_key_hex: keys.verifying_key_hex(),
+        audit: Some(audit_log.clone()),
         catalog,
         timing: timing.clone(),
     }

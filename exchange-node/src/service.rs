@@ -63,6 +63,17 @@ impl NodeService {
         Ok(())
     }
 
+    /// The audit seal of this node the directory holds (its anchor), or why it could not be read.
+    async fn audit_anchor(&self) -> Result<Option<exchange_proto::v1::AuditSeal>, String> {
+        let me = &self.state.identity;
+        let mut req = Request::new(exchange_proto::v1::ListNodesRequest { department: me.department.clone() });
+        req.set_timeout(Duration::from_secs(5));
+        match self.directory.clone().list_nodes(req).await {
+            Ok(resp) => Ok(resp.into_inner().nodes.into_iter().find(|n| n.node_name == me.name).and_then(|n| n.audit_anchor)),
+            Err(s) => Err(format!("the directory's anchor could not be read: {}", s.message())),
+        }
+    }
+
     fn forward<T>(&self, message: T) -> Request<T> {
         let mut req = Request::new(message);
         req.set_timeout(FORWARD_TIMEOUT);
@@ -190,9 +201,35 @@ impl ExchangeNode for NodeService {
         let id = caller(&request)?.clone();
         self.authorize(&id, &[Role::Operator], "VerifyAudit")?;
         let audit = self.exchange.audit.clone();
-        let report = tokio::task::spawn_blocking(move || audit.verify_report())
-            .await
-            .map_err(|e| NodeError::Store(format!("audit task: {e}")))?;
+        let anchor = self.audit_anchor().await;
+        let report = tokio::task::spawn_blocking(move || {
+            let mut report = audit.verify_report();
+            match anchor {
+                Ok(Some(seal)) => {
+                    report.anchor_checked = true;
+                    report.anchored_upto_seq = seal.upto_seq;
+                    let seal = audit::Seal {
+                        upto_seq: seal.upto_seq,
+                        chain_hash: seal.chain_hash,
+                        sealed_at_us: seal.sealed_at_us,
+                        signature: seal.signature,
+                    };
+                    if let Err(mismatch) = audit.check_anchor(&seal) {
+                        // The local chain may verify on its own and still have lost sealed entries.
+                        if report.intact || mismatch.seq() < report.problem_seq {
+                            report.problem_seq = mismatch.seq();
+                            report.problem = mismatch.to_string();
+                        }
+                        report.intact = false;
+                    }
+                }
+                Ok(None) => report.anchor_note = "the directory holds no audit seal of this node yet".into(),
+                Err(why) => report.anchor_note = why,
+            }
+            report
+        })
+        .await
+        .map_err(|e| NodeError::Store(format!("audit task: {e}")))?;
         if !report.intact {
             tracing::error!(problem = %report.problem, seq = report.problem_seq, caller = %id, "audit trail verification failed");
         }

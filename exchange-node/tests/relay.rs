@@ -135,6 +135,11 @@ fn query(resource: &str, keys: &[&str]) -> QueryRecordsRequest {
     }
 }
 
+/// The last sequence number in an audit entries tree.
+fn entries_before_cut(entries: &sled::Tree) -> u64 {
+    entries.last().unwrap().map(|(k, _)| u64::from_be_bytes(k.as_ref().try_into().unwrap())).unwrap_or(0)
+}
+
 fn fields(status: &tonic::Status) -> Vec<String> {
     status.get_details_bad_request().map(|b| b.field_violations.into_iter().map(|v| v.field).collect()).unwrap_or_default()
 }
@@ -493,12 +498,45 @@ async fn quotas_revoked_certificates_and_a_tampered_audit_trail() {
     let report = commerce_op.verify_audit(VerifyAuditRequest {}).await.unwrap().into_inner();
     assert!(report.intact, "{report:?}");
     assert!(report.entries >= 3);
+    // The directory holds an anchor: the latest seal, reported with the heartbeats.
+    let entries = report.entries;
+    let mut central = f.directory_as("central", Role::Operator);
+    wait_for("the directory to anchor commerce's audit trail", Duration::from_secs(10), || {
+        let mut c = central.clone();
+        async move {
+            let nodes = c.list_nodes(ListNodesRequest { department: "commerce".into() }).await.ok()?.into_inner().nodes;
+            nodes.into_iter().find_map(|n| n.audit_anchor).filter(|a| a.upto_seq >= entries)
+        }
+    })
+    .await;
+    let _ = &mut central;
     let mut nodes = f.nodes;
     let commerce = nodes.remove("commerce").unwrap();
     let data_dir = f._data[1].path().to_path_buf();
     commerce.stop().await.unwrap();
+    let directory_addr = f.directory_addr.clone();
+    let pki = f.pki;
+
+    // Cutting sealed entries off the end, seals and all, leaves a chain that checks out locally; the
+    // directory's anchor gives it away.
     {
-        let db = sled::open(data_dir.join("node.sled")).unwrap();
+        let db = exchange_node::audit::open_db_waiting(&data_dir.join("node.sled"), Duration::from_secs(10)).unwrap();
+        let entries = db.open_tree("audit").unwrap();
+        for seq in 4..=entries_before_cut(&entries) {
+            entries.remove(seq.to_be_bytes()).unwrap();
+        }
+        db.open_tree("audit_seals").unwrap().clear().unwrap();
+        db.flush().unwrap();
+    }
+    let restarted = TestNode::start(|addr| node_config(&pki, "commerce", &directory_addr, &data_dir, None, addr)).await;
+    let report = restarted.client(&pki.identity("commerce", Role::Operator)).verify_audit(VerifyAuditRequest {}).await.unwrap().into_inner();
+    assert!(!report.intact && report.anchor_checked, "{report:?}");
+    assert!(report.problem.contains("cut off"), "{}", report.problem);
+    assert_eq!(report.problem_seq, 4);
+    restarted.stop().await.unwrap();
+
+    {
+        let db = exchange_node::audit::open_db_waiting(&data_dir.join("node.sled"), Duration::from_secs(10)).unwrap();
         // What someone with access to the disk might do: turn a refusal into a success.
         let entries = db.open_tree("audit").unwrap();
         let key = 2u64.to_be_bytes();
@@ -508,8 +546,6 @@ async fn quotas_revoked_certificates_and_a_tampered_audit_trail() {
         entries.insert(key, serde_json::to_vec(&entry).unwrap()).unwrap();
         db.flush().unwrap();
     }
-    let directory_addr = f.directory_addr.clone();
-    let pki = f.pki;
     let restarted = TestNode::start(|addr| node_config(&pki, "commerce", &directory_addr, &data_dir, None, addr)).await;
     let report = restarted.client(&pki.identity("commerce", Role::Operator)).verify_audit(VerifyAuditRequest {}).await.unwrap().into_inner();
     assert!(!report.intact);

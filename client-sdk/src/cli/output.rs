@@ -868,6 +868,10 @@ pub struct VerifyView {
     pub problem: String,
     pub problem_seq: u64,
     pub verifying_key_hex: String,
+    /// Whether the directory's anchor (the highest seal the node reported) was compared.
+    pub anchor_checked: bool,
+    pub anchored_upto_seq: u64,
+    pub anchor_note: String,
 }
 
 impl From<VerifyAuditResponse> for VerifyView {
@@ -880,6 +884,9 @@ impl From<VerifyAuditResponse> for VerifyView {
             problem: v.problem,
             problem_seq: v.problem_seq,
             verifying_key_hex: v.verifying_key_hex,
+            anchor_checked: v.anchor_checked,
+            anchored_upto_seq: v.anchored_upto_seq,
+            anchor_note: v.anchor_note,
         }
     }
 }
@@ -892,6 +899,11 @@ impl VerifyView {
         );
         if !self.verifying_key_hex.is_empty() {
             let _ = writeln!(out, "seal key  {}", self.verifying_key_hex);
+        }
+        if self.anchor_checked {
+            let _ = writeln!(out, "anchor    the directory's seal up to entry {} checked", self.anchored_upto_seq);
+        } else if !self.anchor_note.is_empty() {
+            let _ = writeln!(out, "anchor    not checked: {}", self.anchor_note);
         }
         if self.intact {
             out.push_str("intact\n");

@@ -21,7 +21,7 @@
 pub mod sled;
 
 use async_trait::async_trait;
-use exchange_proto::v1::{CatalogChange, CatalogEntry, Grant, GrantChange, NodeInfo, NodeStatus, Revocation};
+use exchange_proto::v1::{AuditSeal, CatalogChange, CatalogEntry, Grant, GrantChange, NodeInfo, NodeStatus, Revocation};
 
 /// A storage backend failed. Mapped to `INTERNAL` by [`crate::error::DirectoryError`]; the text is for logs.
 #[derive(Debug, thiserror::Error)]
@@ -86,6 +86,8 @@ pub struct NodeRecord {
     pub lease_expires_unix_ms: i64,
     /// The node's audit seal key (Ed25519 public key, 64 lower-case hex characters), or empty.
     pub audit_verifying_key_hex: String,
+    /// The highest audit seal the node reported (its anchor outside the node), if any.
+    pub audit_anchor: Option<AuditSeal>,
 }
 
 impl NodeRecord {
@@ -111,6 +113,7 @@ impl NodeRecord {
             lease_expires_unix_ms: self.lease_expires_unix_ms,
             software_version: self.software_version.clone(),
             audit_verifying_key_hex: self.audit_verifying_key_hex.clone(),
+            audit_anchor: self.audit_anchor.clone(),
         }
     }
 }
@@ -121,14 +124,16 @@ pub trait NodeStore: Send + Sync {
     /// Adds or replaces the node keyed by (department, node name). Durable when it returns.
     async fn register(&self, node: NodeRecord) -> Result<(), StoreError>;
 
-    /// Renews a lease: sets the last heartbeat and lease expiry. `None` if the node never registered.
-    /// Need not be durable.
+    /// Renews a lease: sets the last heartbeat and lease expiry, and the audit anchor to `audit_seal` if
+    /// that covers more entries than the anchor held (an anchor never moves back). `None` if the node
+    /// never registered. Need not be durable.
     async fn heartbeat(
         &self,
         department: &str,
         node_name: &str,
         now_unix_ms: i64,
         lease_expires_unix_ms: i64,
+        audit_seal: Option<AuditSeal>,
     ) -> Result<Option<NodeRecord>, StoreError>;
 
     /// All nodes, or those of one department, ordered by department then node name.

@@ -36,7 +36,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use exchange_proto::v1::{CatalogChange, CatalogEntry, ChangeKind, Grant, GrantChange, NodeInfo, Revocation};
+use exchange_proto::v1::{AuditSeal, CatalogChange, CatalogEntry, ChangeKind, Grant, GrantChange, NodeInfo, Revocation};
 use prost::Message;
 
 use super::{
@@ -361,6 +361,7 @@ fn node_from_bytes(key: &[u8], bytes: &[u8]) -> Result<NodeRecord, StoreError> {
         last_heartbeat_unix_ms: info.last_heartbeat_unix_ms,
         lease_expires_unix_ms: info.lease_expires_unix_ms,
         audit_verifying_key_hex: info.audit_verifying_key_hex,
+        audit_anchor: info.audit_anchor,
     })
 }
 
@@ -378,6 +379,7 @@ impl NodeStore for SledNodeStore {
         node_name: &str,
         now_unix_ms: i64,
         lease_expires_unix_ms: i64,
+        audit_seal: Option<AuditSeal>,
     ) -> Result<Option<NodeRecord>, StoreError> {
         let key = node_key(department, node_name);
         let mut corrupt = None;
@@ -390,6 +392,11 @@ impl NodeStore for SledNodeStore {
                     Ok(mut node) => {
                         node.last_heartbeat_unix_ms = now_unix_ms;
                         node.lease_expires_unix_ms = lease_expires_unix_ms;
+                        if let Some(seal) = &audit_seal {
+                            if node.audit_anchor.as_ref().is_none_or(|a| seal.upto_seq > a.upto_seq) {
+                                node.audit_anchor = Some(seal.clone());
+                            }
+                        }
                         Some(node_to_bytes(&node))
                     }
                     Err(e) => {
@@ -744,7 +751,7 @@ mod tests {
     async fn nodes_and_revocations() {
         let dir = tempfile::tempdir().unwrap();
         let stores = open(dir.path()).unwrap();
-        assert!(stores.nodes.heartbeat("tax", "n1", 5, 10).await.unwrap().is_none());
+        assert!(stores.nodes.heartbeat("tax", "n1", 5, 10, None).await.unwrap().is_none());
         let rec = NodeRecord {
             department: "tax".into(),
             node_name: "n1".into(),
@@ -754,11 +761,17 @@ mod tests {
             last_heartbeat_unix_ms: 1,
             lease_expires_unix_ms: 2,
             audit_verifying_key_hex: "ab".repeat(32),
+            audit_anchor: None,
         };
         stores.nodes.register(rec.clone()).await.unwrap();
         stores.nodes.register(NodeRecord { department: "taxi".into(), ..rec.clone() }).await.unwrap();
-        let hb = stores.nodes.heartbeat("tax", "n1", 5, 10).await.unwrap().unwrap();
+        let seal = |n| AuditSeal { upto_seq: n, chain_hash: format!("h{n}"), ..Default::default() };
+        let hb = stores.nodes.heartbeat("tax", "n1", 5, 10, Some(seal(7))).await.unwrap().unwrap();
         assert_eq!((hb.last_heartbeat_unix_ms, hb.lease_expires_unix_ms, hb.address.as_str()), (5, 10, "h:1"));
+        let hb = stores.nodes.heartbeat("tax", "n1", 6, 11, Some(seal(3))).await.unwrap().unwrap();
+        assert_eq!(hb.audit_anchor.unwrap().upto_seq, 7, "an anchor never moves back");
+        let hb = stores.nodes.heartbeat("tax", "n1", 7, 12, None).await.unwrap().unwrap();
+        assert_eq!(hb.audit_anchor.unwrap().chain_hash, "h7");
         assert_eq!(hb.audit_verifying_key_hex, "ab".repeat(32));
         assert_eq!(stores.nodes.list(Some("tax")).await.unwrap().len(), 1);
         assert_eq!(stores.nodes.list(None).await.unwrap().len(), 2);

@@ -117,7 +117,7 @@ pub fn node_config(pki: &Pki, dept: &str, directory_addr: &str, data: &Path, cat
         max_connections: 64,
         shutdown_grace_seconds: 5,
         log_format: LogFormat::Text,
-        relay: Default::default(),
+        relay: exchange_node::config::RelayConfig { audit_seal_seconds: 1, ..Default::default() },
         quotas: Vec::new(),
         source: None,
     }
