@@ -83,6 +83,25 @@ pub struct OpenLoopStats {
     pub dropped: u64,
     /// Completed calls; latencies are from each call's *scheduled* send time to its answer.
     pub stats: LoadStats,
+    /// (scheduled send time since the start, latency) of every completed call, in completion order.
+    pub timeline: Vec<(Duration, Duration)>,
+}
+
+impl OpenLoopStats {
+    /// Periods of `window` in which some call took longer than `threshold`: (period start, calls over the
+    /// threshold, slowest call), in time order. Shows whether slow calls come in bursts (a stall) and how
+    /// often.
+    pub fn slow_periods(&self, window: Duration, threshold: Duration) -> Vec<(Duration, usize, Duration)> {
+        let mut periods: std::collections::BTreeMap<u128, (usize, Duration)> = Default::default();
+        for (at, lat) in &self.timeline {
+            if *lat > threshold {
+                let p = periods.entry(at.as_nanos() / window.as_nanos().max(1)).or_default();
+                p.0 += 1;
+                p.1 = p.1.max(*lat);
+            }
+        }
+        periods.into_iter().map(|(k, (n, max))| (window * k as u32, n, max)).collect()
+    }
 }
 
 /// Open loop: issues `call(i)` at a fixed `rate` per second for `duration`, each call at its scheduled
@@ -111,7 +130,6 @@ where
             .name("open-loop".into())
             .spawn(move || {
                 let start = Instant::now();
-                let mut tasks = Vec::with_capacity(scheduled as usize);
                 let mut dropped = 0u64;
                 for i in 0..scheduled {
                     let due = start + Duration::from_secs_f64(i as f64 / rate);
@@ -126,37 +144,43 @@ where
                     outstanding.fetch_add(1, Ordering::Relaxed);
                     let (call, outstanding, errors, latencies) =
                         (call.clone(), outstanding.clone(), errors.clone(), latencies.clone());
-                    tasks.push(runtime.spawn(async move {
+                    // Detached: a JoinHandle kept per call would keep every finished task's memory
+                    // until the end of the run (tens of MB, and allocator stalls while it grows).
+                    runtime.spawn(async move {
                         let result = call(i).await;
                         let latency = due.elapsed();
-                        outstanding.fetch_sub(1, Ordering::Relaxed);
                         match result {
-                            Ok(()) => latencies.lock().expect("latencies").push(latency),
+                            Ok(()) => latencies.lock().expect("latencies").push((due - start, latency)),
                             Err(e) => {
                                 if errors.fetch_add(1, Ordering::Relaxed) < 3 {
                                     eprintln!("call {i} failed: {e:?}");
                                 }
                             }
                         }
-                    }));
+                        outstanding.fetch_sub(1, Ordering::Release);
+                    });
                 }
-                (start, tasks, dropped)
+                (start, dropped)
             })
             .expect("open-loop thread")
     };
-    let (start, tasks, dropped) =
+    let (start, dropped) =
         tokio::task::spawn_blocking(move || dispatcher.join().expect("open-loop thread")).await.expect("join");
-    for t in tasks {
-        t.await.expect("open-loop call task");
+    // Wait for the calls still in flight (each ends within its call timeout).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while outstanding.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
     let elapsed = start.elapsed();
-    let mut latencies = std::mem::take(&mut *latencies.lock().expect("latencies"));
+    let timeline = std::mem::take(&mut *latencies.lock().expect("latencies"));
+    let mut latencies: Vec<Duration> = timeline.iter().map(|(_, l)| *l).collect();
     latencies.sort_unstable();
     OpenLoopStats {
         rate,
         scheduled,
         dropped,
         stats: LoadStats { calls: latencies.len() as u64, errors: errors.load(Ordering::Relaxed), elapsed, latencies },
+        timeline,
     }
 }
 

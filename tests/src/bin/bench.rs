@@ -620,6 +620,16 @@ async fn relay_section(args: &Args, pki: &TestPki, tmp: &std::path::Path, rows: 
     let relay_open = load::run_open(relay_rate, phase, max_outstanding, relay_call.clone()).await;
     println!("{}; other processes used {} of the machine", open_loop_line("relay", &relay_open), others(&meter));
     let others_share = section.others_share();
+    for (name, o) in [("forwarder", &fwd_open), ("relay", &relay_open)] {
+        let slow = o.slow_periods(Duration::from_millis(100), Duration::from_millis(5));
+        let calls: usize = slow.iter().map(|p| p.1).sum();
+        let list: Vec<String> = slow
+            .iter()
+            .take(30)
+            .map(|(at, n, max)| format!("{:.1}s:{n}/{}", at.as_secs_f64(), ms(*max)))
+            .collect();
+        println!("{name}: {calls} calls over 5 ms, in {} periods of 100 ms (start:calls/slowest): {}", slow.len(), list.join(" "));
+    }
 
     rows.push(rate_row(
         &format!("relay throughput, 1 key per query ({} in flight, {} connections)", args.concurrency, args.connections),
