@@ -625,7 +625,7 @@ async fn relay_section(args: &Args, pki: &TestPki, tmp: &std::path::Path, rows: 
         let calls: usize = slow.iter().map(|p| p.1).sum();
         let list: Vec<String> = slow
             .iter()
-            .take(30)
+            .take(15)
             .map(|(at, n, max)| format!("{:.1}s:{n}/{}", at.as_secs_f64(), ms(*max)))
             .collect();
         println!("{name}: {calls} calls over 5 ms, in {} periods of 100 ms (start:calls/slowest): {}", slow.len(), list.join(" "));
