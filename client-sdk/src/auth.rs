@@ -2,6 +2,9 @@
 //! revocation set (so a certificate revoked while its connection is open stops working at its next call),
 //! and put in the request's extensions as a [`PeerIdentity`] for handlers to authorize on.
 
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
 use tonic::{Request, Status};
 
 use crate::identity::{identity_from_der, PeerIdentity, Role};
@@ -11,20 +14,56 @@ use crate::tls::RevocationSet;
 #[derive(Clone, Debug)]
 pub struct IdentityInterceptor {
     revoked: RevocationSet,
+    /// Identities already read from certificates (DER → identity). Parsing X.509 on every call of a
+    /// long-lived connection was a measurable share of a relayed request; the revocation check still runs
+    /// on every call.
+    parsed: Arc<RwLock<HashMap<Vec<u8>, PeerIdentity>>>,
 }
+
+/// Certificates remembered by an interceptor before it starts over (a bound, not an expected size).
+const PARSED_CACHE_LIMIT: usize = 4096;
 
 impl IdentityInterceptor {
     pub fn new(revoked: RevocationSet) -> Self {
-        IdentityInterceptor { revoked }
+        IdentityInterceptor { revoked, parsed: Arc::default() }
+    }
+
+    fn identify<T>(&self, req: &Request<T>) -> Result<PeerIdentity, Status> {
+        let certs = req
+            .peer_certs()
+            .ok_or_else(|| Status::unauthenticated("no client certificate on this connection"))?;
+        let leaf = certs.first().ok_or_else(|| Status::unauthenticated("empty client certificate chain"))?;
+        let known = self.parsed.read().expect("identity cache").get(leaf.as_ref()).cloned();
+        let id = match known {
+            Some(id) => id,
+            None => {
+                let id = identity_from_der(leaf).map_err(|e| Status::unauthenticated(e.to_string()))?;
+                let mut parsed = self.parsed.write().expect("identity cache");
+                if parsed.len() >= PARSED_CACHE_LIMIT {
+                    parsed.clear();
+                }
+                parsed.insert(leaf.to_vec(), id.clone());
+                id
+            }
+        };
+        check_revoked(id, &self.revoked)
     }
 }
 
 impl tonic::service::Interceptor for IdentityInterceptor {
     fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
-        let id = authenticate(&req, &self.revoked)?;
+        let id = self.identify(&req)?;
         req.extensions_mut().insert(id);
         Ok(req)
     }
+}
+
+fn check_revoked(id: PeerIdentity, revoked: &RevocationSet) -> Result<PeerIdentity, Status> {
+    if revoked.is_revoked(&id.serial_hex) {
+        tracing::warn!(peer = %id, "refused call: certificate revoked");
+        return Err(Status::unauthenticated(format!("certificate {} has been revoked", id.serial_hex)));
+    }
+    Ok(id)
 }
 
 /// Reads and checks the caller's identity from the connection's peer certificate.
@@ -34,11 +73,7 @@ pub fn authenticate<T>(req: &Request<T>, revoked: &RevocationSet) -> Result<Peer
         .ok_or_else(|| Status::unauthenticated("no client certificate on this connection"))?;
     let leaf = certs.first().ok_or_else(|| Status::unauthenticated("empty client certificate chain"))?;
     let id = identity_from_der(leaf).map_err(|e| Status::unauthenticated(e.to_string()))?;
-    if revoked.is_revoked(&id.serial_hex) {
-        tracing::warn!(peer = %id, "refused call: certificate revoked");
-        return Err(Status::unauthenticated(format!("certificate {} has been revoked", id.serial_hex)));
-    }
-    Ok(id)
+    check_revoked(id, revoked)
 }
 
 /// The identity the interceptor attached to this request.
