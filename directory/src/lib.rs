@@ -1,5 +1,6 @@
-//! The gov-exchange central directory: node registry, catalog, search, revocations, served as the
-//! `govexchange.v1.Directory` gRPC service over mutual TLS.
+//! The gov-exchange central directory: node registry, catalog, search, grants, revocations, served as the
+//! `govexchange.v1.Directory` gRPC service over mutual TLS. It records the rules; the provider's node
+//! enforces them.
 //!
 //! # Layout
 //! - [`config`]: the TOML configuration ([`config::Config`]).
@@ -9,9 +10,10 @@
 //! - [`validate`]: request validation (catalog field rules, addresses, search filters), one field violation
 //!   per bad field.
 //! - [`error`]: [`error::DirectoryError`] and its mapping to gRPC status codes, the only such mapping.
-//! - [`store`]: storage traits ([`store::CatalogStore`], [`store::NodeStore`], [`store::RevocationStore`])
-//!   and the sled backend ([`store::sled`]).
-//! - [`watch`]: the `WatchCatalog` change feed over the store's change log.
+//! - [`store`]: storage traits ([`store::CatalogStore`], [`store::NodeStore`], [`store::RevocationStore`],
+//!   [`store::GrantStore`]) and the sled backend ([`store::sled`]).
+//! - [`watch`]: one change feed over a store's change log, serving `WatchCatalog`, `WatchGrants` and
+//!   `WatchRevocations`.
 //! - [`revocation`]: who may revoke which certificate.
 //! - [`search`]: the full-text catalog index (tantivy + jieba).
 //! - `main.rs`: the `directory --config FILE` binary.
