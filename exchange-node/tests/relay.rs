@@ -140,6 +140,17 @@ fn entries_before_cut(entries: &sled::Tree) -> u64 {
     entries.last().unwrap().map(|(k, _)| u64::from_be_bytes(k.as_ref().try_into().unwrap())).unwrap_or(0)
 }
 
+/// Loads one penalty record of `company` into commerce's conditional resource.
+async fn commerce_records(f: &Federation, company: &str) {
+    f.app("commerce")
+        .put_records(PutRecordsRequest {
+            resource_code: PENALTIES.into(),
+            records: vec![record(company, &[("当事人名称", "配额测试公司"), ("处罚种类", "警告")])],
+        })
+        .await
+        .unwrap();
+}
+
 fn fields(status: &tonic::Status) -> Vec<String> {
     status.get_details_bad_request().map(|b| b.field_violations.into_iter().map(|v| v.field).collect()).unwrap_or_default()
 }
@@ -462,6 +473,39 @@ async fn quotas_revoked_certificates_and_a_tampered_audit_trail() {
     }
     tokio::time::sleep(retry).await;
     tax_app.query_records(query(ENTERPRISE_REGISTRATION, &[&company])).await.unwrap();
+
+    // ---- an expired grant: served until its expiry, refused after, saying so ----
+    commerce_records(&f, &company).await;
+    let grant = f
+        .directory_as("tax", Role::App)
+        .request_grant(RequestGrantRequest {
+            resource_code: PENALTIES.into(),
+            data_items: vec!["当事人名称".into()],
+            purpose: "欠税企业处罚情况核查".into(),
+            legal_basis: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let expires = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64 + 2_000;
+    f.directory_as("commerce", Role::Operator)
+        .decide_grant(DecideGrantRequest { grant_id: grant.grant_id, approve: true, expires_at_unix_ms: expires, ..Default::default() })
+        .await
+        .unwrap();
+    wait_for("the expiring grant to reach commerce", Duration::from_secs(2), || {
+        let mut t = tax_app.clone();
+        let company = company.clone();
+        async move { t.query_records(query(PENALTIES, &[&company])).await.ok() }
+    })
+    .await;
+    let err = wait_for("the grant to expire", Duration::from_secs(5), || {
+        let mut t = tax_app.clone();
+        let company = company.clone();
+        async move { t.query_records(query(PENALTIES, &[&company])).await.err() }
+    })
+    .await;
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(err.message().contains("expired"), "{}", err.message());
 
     // ---- a revoked node certificate is refused by the provider within seconds ----
     let quality_node = f.identity("quality", Role::Node);
