@@ -146,14 +146,21 @@ impl Consumer {
         Ok(client)
     }
 
-    /// `QueryRecords` for application `app` of this department; always audited.
-    pub async fn query(&self, app: &PeerIdentity, body: QueryRecordsRequest) -> Result<QueryRecordsResponse, NodeError> {
+    /// `QueryRecords` for `app`; always audited, a refused caller too (`allowed` is the service's
+    /// authorization of the caller: this node's department, role app or operator).
+    pub async fn query(
+        &self,
+        app: &PeerIdentity,
+        body: QueryRecordsRequest,
+        allowed: Result<(), NodeError>,
+    ) -> Result<QueryRecordsResponse, NodeError> {
         let x = &self.exchange;
         let message_id = random_message_id();
         let mut audit = x.open_audit(
             &message_id,
             Side::Consumer,
-            &x.me.department,
+            // The caller's department: this node's own, unless the call is refused for coming from another.
+            &app.department,
             "",
             &body.resource_code,
             &body.keys,
@@ -161,7 +168,10 @@ impl Consumer {
             app,
             &body.purpose,
         );
-        let result = self.relay(&message_id, &body, &mut audit).await;
+        let result = match allowed {
+            Ok(()) => self.relay(&message_id, &body, &mut audit).await,
+            Err(e) => Err(e),
+        };
         x.close_audit(audit, result, |r| r.data_items.clone())
     }
 

@@ -179,8 +179,11 @@ impl ExchangeNode for NodeService {
         request: Request<QueryRecordsRequest>,
     ) -> Result<Response<QueryRecordsResponse>, Status> {
         let id = caller(&request)?.clone();
-        self.authorize(&id, &[Role::App, Role::Operator], "QueryRecords")?;
-        let resp = self.consumer.query(&id, request.into_inner()).await?;
+        // A refused caller is audited too: the attempt reached this node.
+        let allowed = self
+            .authorize(&id, &[Role::App, Role::Operator], "QueryRecords")
+            .map_err(|s| NodeError::PermissionDenied(s.message().to_string()));
+        let resp = self.consumer.query(&id, request.into_inner(), allowed).await?;
         Ok(Response::new(resp))
     }
 

@@ -420,6 +420,8 @@ async fn records_relay_with_grants_masking_and_audit() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
+    let refused = audit(&mut commerce_op, QueryAuditRequest { result: "PERMISSION_DENIED".into(), ..Default::default() }).await;
+    assert!(refused.iter().any(|e| e.side == "consumer" && e.caller == "tax-app"), "the attempt is audited where it arrived");
     // A node certificate of quality, asking commerce as if it were tax: the consumer is the certificate.
     let channel = tls::connect_lazy(
         &f.nodes["commerce"].addr,
