@@ -65,7 +65,7 @@ struct Federation {
     pki: Pki,
     _data: Vec<tempfile::TempDir>,
     directory_addr: String,
-    _directory: TestDirectory,
+    directory: Option<TestDirectory>,
     nodes: HashMap<&'static str, TestNode>,
 }
 
@@ -107,7 +107,7 @@ impl Federation {
             .await;
         }
         let _ = &mut central;
-        Federation { pki, _data: data, directory_addr, _directory: directory, nodes }
+        Federation { pki, _data: data, directory_addr, directory: Some(directory), nodes }
     }
 
     fn app(&self, dept: &str) -> ExchangeNodeClient<Channel> {
@@ -597,4 +597,85 @@ async fn quotas_revoked_certificates_and_a_tampered_audit_trail() {
     assert!(!report.intact);
     assert_eq!(report.problem_seq, 2, "{report:?}");
     assert!(report.problem.contains('2'), "{}", report.problem);
+}
+
+/// The directory is down: the consumer's node still finds the provider (its stored resolution) and the
+/// provider's node, even restarted, still enforces the grant from its stored copy of the rules.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn relaying_goes_on_from_the_stored_rules_while_the_directory_is_down() {
+    let mut f = Federation::start(Vec::new()).await;
+    let company = uscc("91350100M000100Y4");
+    commerce_records(&f, &company).await;
+    let grant = f
+        .directory_as("quality", Role::App)
+        .request_grant(RequestGrantRequest {
+            resource_code: PENALTIES.into(),
+            data_items: vec!["当事人名称".into()],
+            purpose: "抽查对象信用核查".into(),
+            legal_basis: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    f.directory_as("commerce", Role::Operator)
+        .decide_grant(DecideGrantRequest { grant_id: grant.grant_id, approve: true, ..Default::default() })
+        .await
+        .unwrap();
+    let mut quality_app = f.app("quality");
+    wait_for("the grant to reach commerce", Duration::from_secs(5), || {
+        let mut q = quality_app.clone();
+        let company = company.clone();
+        async move { q.query_records(query(PENALTIES, &[&company])).await.ok() }
+    })
+    .await;
+    // Tax has no grant; remember that too.
+    assert_eq!(f.app("tax").query_records(query(PENALTIES, &[&company])).await.unwrap_err().code(), Code::PermissionDenied);
+
+    f.directory.take().unwrap().stop().await;
+    // Through quality's node, which still knows where commerce is.
+    let served = quality_app.query_records(query(PENALTIES, &[&company])).await.expect("relayed without the directory");
+    assert_eq!(served.into_inner().data_items, vec!["当事人名称"]);
+
+    // Commerce restarts while the directory is still down: it decides from the rules it stored. (It comes back
+    // on a new ephemeral port that nobody can look up now, so ask it directly, node to node, as quality's and
+    // tax's nodes would.)
+    let commerce = f.nodes.remove("commerce").unwrap();
+    let commerce_data = f._data[1].path().to_path_buf();
+    commerce.stop().await.unwrap();
+    let (pki, directory_addr) = (&f.pki, f.directory_addr.clone());
+    let restarted = TestNode::start(|addr| node_config(pki, "commerce", &directory_addr, &commerce_data, None, addr)).await;
+    let channel = tls::connect_lazy(
+        &restarted.addr,
+        tls::peer_node_client_config(&pki.identity("quality", Role::Node), "commerce", Default::default()).unwrap(),
+    )
+    .unwrap();
+    let answer = RelayClient::new(channel.clone())
+        .fetch_records(FetchRecordsRequest {
+            message_id: "offline-1".into(),
+            resource_code: PENALTIES.into(),
+            keys: vec![company.clone()],
+            purpose: String::new(),
+        })
+        .await
+        .expect("the grant is enforced from the stored copy")
+        .into_inner();
+    assert_eq!(answer.data_items, vec!["当事人名称"]);
+    let channel = tls::connect_lazy(
+        &restarted.addr,
+        tls::peer_node_client_config(&pki.identity("tax", Role::Node), "commerce", Default::default()).unwrap(),
+    )
+    .unwrap();
+    let err = RelayClient::new(channel)
+        .fetch_records(FetchRecordsRequest {
+            message_id: "offline-2".into(),
+            resource_code: PENALTIES.into(),
+            keys: vec![company.clone()],
+            purpose: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "no grant stays no grant: {err:?}");
+    let status = restarted.client(&pki.identity("commerce", Role::Operator)).node_status(NodeStatusRequest {}).await.unwrap().into_inner();
+    assert!(!status.directory_watch_connected);
+    assert_eq!(status.active_grants, 1);
 }
