@@ -102,6 +102,15 @@ pub(crate) mod test_support {
     pub const ID_30_FEB: &str = "110105194902300020";
     pub const ID_FUTURE: &str = "110105209912310029";
 
+    /// A record with these items.
+    pub fn record(key: &str, items: &[(&str, &str)]) -> exchange_proto::v1::Record {
+        exchange_proto::v1::Record {
+            key: key.into(),
+            items: items.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            updated_at_unix_ms: 0,
+        }
+    }
+
     pub fn today() -> time::Date {
         time::Date::from_calendar_date(2026, time::Month::November, 22).unwrap()
     }
@@ -197,20 +206,12 @@ pub(crate) mod test_support {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashMap;
 
     use exchange_proto::v1::ShareType;
 
     use super::test_support::*;
     use super::*;
 
-    fn record(key: &str, items: &[(&str, &str)]) -> Record {
-        Record {
-            key: key.into(),
-            items: items.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<HashMap<_, _>>(),
-            updated_at_unix_ms: 0,
-        }
-    }
 
     #[test]
     fn key_item_follows_the_record_kind() {

@@ -422,7 +422,6 @@ pub fn validate_batch(
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashMap;
 
     use exchange_proto::v1::ShareType;
 
@@ -430,13 +429,6 @@ mod tests {
     use crate::records::test_support::*;
     use crate::records::{ENTERPRISE_KEY_ITEM, POPULATION_KEY_ITEM};
 
-    fn record(key: &str, items: &[(&str, &str)]) -> Record {
-        Record {
-            key: key.into(),
-            items: items.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<HashMap<_, _>>(),
-            updated_at_unix_ms: 0,
-        }
-    }
 
     fn violations(entry: &CatalogEntry, records: Vec<Record>) -> Vec<FieldViolation> {
         validate_batch(entry, records, today()).expect_err("the batch must be refused")
