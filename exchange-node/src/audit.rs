@@ -1103,24 +1103,7 @@ pub fn run_verify_command(
     }
 }
 
-fn is_lock_error(e: &sled::Error) -> bool {
-    e.to_string().contains("could not acquire lock")
-}
-
-/// Opens a sled database, waiting up to `wait` for another holder's lock to go: sled lets go of its file
-/// lock a moment after the database is closed (background writes finish first), also in a node that
-/// has just been stopped.
-pub fn open_db_waiting(path: &Path, wait: Duration) -> sled::Result<sled::Db> {
-    let deadline = std::time::Instant::now() + wait;
-    loop {
-        match sled::open(path) {
-            Err(e) if is_lock_error(&e) && std::time::Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            result => return result,
-        }
-    }
-}
+pub use crate::store::{is_lock_error, open_db_waiting};
 
 fn verify_command(
     data_dir: &Path,

@@ -7,11 +7,32 @@
 //! Records are protobuf-encoded so the format is shared with the wire and evolves the same way.
 
 use std::path::Path;
+use std::time::Duration;
 
 use exchange_proto::v1::RegisterNodeResponse;
 use prost::Message;
 
 use crate::error::NodeError;
+
+/// Whether sled refused to open because another holder still has the file lock.
+pub fn is_lock_error(e: &sled::Error) -> bool {
+    e.to_string().contains("could not acquire lock")
+}
+
+/// Opens a sled database, waiting up to `wait` for another holder's lock to go: sled lets go of its file
+/// lock a moment after the database is closed (background writes finish first), also in a node that
+/// has just been stopped.
+pub fn open_db_waiting(path: &Path, wait: Duration) -> sled::Result<sled::Db> {
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        match sled::open(path) {
+            Err(e) if is_lock_error(&e) && std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            result => return result,
+        }
+    }
+}
 
 /// What the node remembers across restarts.
 pub trait NodeStore: Send + Sync + 'static {
@@ -40,7 +61,7 @@ impl SledStore {
     pub fn open(data_dir: &Path) -> Result<Self, NodeError> {
         std::fs::create_dir_all(data_dir)
             .map_err(|e| NodeError::Store(format!("{}: {e}", data_dir.display())))?;
-        let db = sled::open(data_dir.join("node.sled"))
+        let db = open_db_waiting(&data_dir.join("node.sled"), std::time::Duration::from_secs(5))
             .map_err(|e| NodeError::Store(format!("{}: {e}", data_dir.display())))?;
         Ok(SledStore { db })
     }

@@ -181,10 +181,21 @@ async fn read_log<M: Message + Default + Send + 'static>(
 /// holds the database (sled locks it).
 pub fn open(dir: &Path) -> Result<Stores, StoreError> {
     std::fs::create_dir_all(dir).map_err(|e| StoreError::Backend(format!("{}: {e}", dir.display())))?;
-    let db = sled::Config::new()
-        .path(dir)
-        .open()
-        .map_err(|e| StoreError::Backend(format!("cannot open sled database in {}: {e}", dir.display())))?;
+    // sled lets go of its file lock a moment after a database is closed (its background threads finish
+    // first), so a quick restart in the same process (tests) or right after a previous process can find it
+    // still held: wait a little before giving up.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let db = loop {
+        match sled::Config::new().path(dir).open() {
+            Err(e) if e.to_string().contains("could not acquire lock") && std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            result => {
+                break result
+                    .map_err(|e| StoreError::Backend(format!("cannot open sled database in {}: {e}", dir.display())))?
+            }
+        }
+    };
     let catalog = SledCatalogStore::open(&db)?;
     let nodes = SledNodeStore { tree: db.open_tree("nodes").map_err(backend)? };
     let revocations = SledRevocationStore::open(&db)?;
