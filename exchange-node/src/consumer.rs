@@ -37,6 +37,8 @@ const TREE_RESOLVED: &str = "consumer_resolved";
 /// Consumer-side settings (from the node config's `[relay]` table).
 #[derive(Clone, Debug)]
 pub struct ConsumerSettings {
+    /// For error messages: where the directory was asked.
+    pub directory_address: String,
     pub call_timeout: Duration,
     pub resolve_cache: Duration,
 }
@@ -125,7 +127,7 @@ impl Consumer {
                         tracing::warn!(resource = %resource_code, error = %s.message(), "directory unavailable; using the cached provider address");
                         Ok(r)
                     }
-                    None => Err(NodeError::from_directory("directory", s)),
+                    None => Err(NodeError::from_directory(&self.settings.directory_address, s)),
                 }
             }
         }

@@ -117,6 +117,7 @@ pub async fn run_with_timing(
         tls_identity.clone(),
         revocations.clone(),
         ConsumerSettings {
+            directory_address: config.directory_address.clone(),
             call_timeout: Duration::from_secs(config.relay.call_timeout_seconds),
             resolve_cache: Duration::from_secs(config.relay.resolve_cache_seconds),
         },
