@@ -385,19 +385,23 @@ mod tests {
         assert!(p.authorize("commerce", closed, 0).is_ok(), "own department sees its own data");
         let err = p.authorize("quality", conditional.clone(), 0).unwrap_err();
         assert!(matches!(err, NodeError::PermissionDenied(ref m) if m.contains("no grant")), "{err}");
+        p.apply_grant_change(&GrantChange { version: 1, grant: Some(grant("G0", "quality", GrantStatus::Rejected, 1, 0)) })
+            .unwrap();
+        let err = p.authorize("quality", conditional.clone(), 0).unwrap_err();
+        assert!(matches!(err, NodeError::PermissionDenied(ref m) if m.contains("rejected")), "{err}");
 
-        p.apply_grant_change(&GrantChange { version: 1, grant: Some(grant("G1", "quality", GrantStatus::Approved, 1, 0)) })
+        p.apply_grant_change(&GrantChange { version: 2, grant: Some(grant("G1", "quality", GrantStatus::Approved, 2, 0)) })
             .unwrap();
         let d = p.authorize("quality", conditional.clone(), 0).unwrap();
         assert_eq!(d.granted_items.unwrap(), vec!["当事人名称".to_string()]);
         assert!(p.authorize("tax", conditional.clone(), 0).is_err(), "grants are per consumer");
 
-        p.apply_grant_change(&GrantChange { version: 2, grant: Some(grant("G1", "quality", GrantStatus::Revoked, 2, 0)) })
+        p.apply_grant_change(&GrantChange { version: 3, grant: Some(grant("G1", "quality", GrantStatus::Revoked, 3, 0)) })
             .unwrap();
         let err = p.authorize("quality", conditional.clone(), 0).unwrap_err();
         assert!(matches!(err, NodeError::PermissionDenied(ref m) if m.contains("revoked")), "{err}");
 
-        p.apply_grant_change(&GrantChange { version: 3, grant: Some(grant("G2", "quality", GrantStatus::Approved, 3, 1000)) })
+        p.apply_grant_change(&GrantChange { version: 4, grant: Some(grant("G2", "quality", GrantStatus::Approved, 4, 1000)) })
             .unwrap();
         assert!(p.authorize("quality", conditional.clone(), 999).is_ok());
         let err = p.authorize("quality", conditional, 1000).unwrap_err();
