@@ -504,6 +504,10 @@ fn records_exchange_through_the_cli_the_python_example_and_a_quota_reload() {
     assert!(ok && out.contains("intact"), "{out}{err}");
     let entries = at_json("commerce-operator", "commerce", &["audit", "query", "--peer", "quality", "--result", "RESOURCE_EXHAUSTED"]);
     assert!(entries.to_string().contains("quality"), "{entries}");
+    // The directory lists each node's audit seal key, for checking its trail independently of the node.
+    let listed = site.ctl_json("central-operator", &["nodes"]);
+    let commerce = listed["nodes"].as_array().unwrap().iter().find(|n| n["department"] == "commerce").unwrap().clone();
+    assert_eq!(commerce["audit_verifying_key_hex"].as_str().map(str::len), Some(64), "{commerce}");
     for mut n in nodes {
         assert!(n.stop(), "{} stops cleanly", n.name);
     }

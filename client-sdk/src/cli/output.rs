@@ -383,6 +383,10 @@ pub struct NodeView {
     pub last_heartbeat_unix_ms: i64,
     pub lease_expires_unix_ms: i64,
     pub software_version: String,
+    /// The node's audit seal key (Ed25519 public key, hex), to check its audit trail with.
+    pub audit_verifying_key_hex: String,
+    /// The highest audit entry covered by a seal the node reported (the directory's anchor).
+    pub audit_anchored_upto_seq: u64,
 }
 
 impl From<NodeInfo> for NodeView {
@@ -396,6 +400,8 @@ impl From<NodeInfo> for NodeView {
             last_heartbeat_unix_ms: n.last_heartbeat_unix_ms,
             lease_expires_unix_ms: n.lease_expires_unix_ms,
             software_version: n.software_version,
+            audit_verifying_key_hex: n.audit_verifying_key_hex,
+            audit_anchored_upto_seq: n.audit_anchor.map_or(0, |a| a.upto_seq),
         }
     }
 }
