@@ -9,17 +9,6 @@ use exchange_proto::limits::MAX_BATCH_ENTRIES;
 use exchange_proto::v1::directory_client::DirectoryClient;
 use exchange_proto::v1::*;
 use tonic::Code;
-use tonic_types::StatusExt;
-
-fn violation_fields(status: &tonic::Status) -> Vec<String> {
-    status
-        .get_details_bad_request()
-        .expect("INVALID_ARGUMENT carries google.rpc.BadRequest")
-        .field_violations
-        .into_iter()
-        .map(|v| v.field)
-        .collect()
-}
 
 #[tokio::test]
 async fn publish_get_search_resolve_round_trip() {

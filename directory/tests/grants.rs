@@ -12,7 +12,6 @@ use exchange_proto::v1::directory_client::DirectoryClient;
 use exchange_proto::v1::*;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
-use tonic_types::StatusExt;
 
 type Client = DirectoryClient<Channel>;
 
@@ -38,17 +37,6 @@ fn code(seq: u32) -> String {
 
 fn strings(items: &[&str]) -> Vec<String> {
     items.iter().map(|s| s.to_string()).collect()
-}
-
-fn violation_fields(status: &Status) -> Vec<String> {
-    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
-    status
-        .get_details_bad_request()
-        .expect("INVALID_ARGUMENT carries google.rpc.BadRequest")
-        .field_violations
-        .into_iter()
-        .map(|v| v.field)
-        .collect()
 }
 
 fn status_of(grant: &Grant) -> GrantStatus {

@@ -221,3 +221,16 @@ pub async fn search_codes(client: &mut DirectoryClient<Channel>, query: &str) ->
         })
         .collect()
 }
+
+/// The fields of an `INVALID_ARGUMENT` status's google.rpc.BadRequest, in order.
+pub fn violation_fields(status: &tonic::Status) -> Vec<String> {
+    use tonic_types::StatusExt;
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    status
+        .get_details_bad_request()
+        .expect("INVALID_ARGUMENT carries google.rpc.BadRequest")
+        .field_violations
+        .into_iter()
+        .map(|v| v.field)
+        .collect()
+}
