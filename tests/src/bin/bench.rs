@@ -28,6 +28,7 @@ use e2e_tests::load::{self, LoadStats, OpenLoopStats};
 use e2e_tests::pki::TestPki;
 use e2e_tests::workload;
 use exchange_proto::v1::directory_client::DirectoryClient;
+use exchange_proto::v1::bench_records_client::BenchRecordsClient;
 use exchange_proto::v1::echo_client::EchoClient;
 use exchange_proto::v1::exchange_node_client::ExchangeNodeClient;
 use exchange_proto::v1::{
@@ -398,6 +399,29 @@ const RELAY_RESOURCE: &str = "101001/000001";
 const RELAY_PURPOSE: &str = "企业信用核查";
 
 /// Record `i` of a run: a pseudo-random key index (splitmix64), the same sequence for both systems.
+/// Clients of a bare forwarder and the keys to ask for: call `i` asks for one key, clients round-robin.
+#[derive(Clone)]
+struct ForwarderLoad {
+    clients: Arc<Vec<BenchRecordsClient<Channel>>>,
+    keys: Arc<Vec<String>>,
+}
+
+impl ForwarderLoad {
+    async fn connect(addr: &str, id: &TlsIdentity, connections: usize, keys: Arc<Vec<String>>) -> anyhow::Result<Self> {
+        let channels = channels_to(addr, id, &[Role::Node], connections).await?;
+        Ok(ForwarderLoad { clients: Arc::new(channels.into_iter().map(forwarder::client_on).collect()), keys })
+    }
+
+    fn call(&self, i: u64) -> impl std::future::Future<Output = Result<(), tonic::Status>> + Send + 'static {
+        let mut c = self.clients[i as usize % self.clients.len()].clone();
+        let key = self.keys[key_index(i, self.keys.len())].clone();
+        async move {
+            let resp = c.query_records(one_key_query(&key)).await?.into_inner();
+            check_answer(&resp, &key)
+        }
+    }
+}
+
 fn key_index(i: u64, n: usize) -> usize {
     let mut z = i.wrapping_add(0x9E37_79B9_7F4A_7C15);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -534,13 +558,7 @@ async fn relay_section(args: &Args, pki: &TestPki, tmp: &std::path::Path, rows: 
             })
             .collect(),
     );
-    let forwarder_clients = Arc::new(
-        channels_to(&pair.addr, &tax_app, &[Role::Node], args.connections)
-            .await?
-            .into_iter()
-            .map(forwarder::client_on)
-            .collect::<Vec<_>>(),
-    );
+    let forwarder_load = ForwarderLoad::connect(&pair.addr, &tax_app, args.connections, keys.clone()).await?;
     let relay_call = {
         let (clients, keys) = (relay_clients.clone(), keys.clone());
         move |i: u64| {
@@ -553,15 +571,8 @@ async fn relay_section(args: &Args, pki: &TestPki, tmp: &std::path::Path, rows: 
         }
     };
     let forwarder_call = {
-        let (clients, keys) = (forwarder_clients.clone(), keys.clone());
-        move |i: u64| {
-            let mut c = clients[i as usize % clients.len()].clone();
-            let key = keys[key_index(i, keys.len())].clone();
-            async move {
-                let resp = c.query_records(one_key_query(&key)).await?.into_inner();
-                check_answer(&resp, &key)
-            }
-        }
+        let load = forwarder_load.clone();
+        move |i: u64| load.call(i)
     };
 
     // The relay works end to end (the consumer resolves the provider through the directory on first use).
@@ -571,7 +582,7 @@ async fn relay_section(args: &Args, pki: &TestPki, tmp: &std::path::Path, rows: 
         async move { c.query_records(one_key_query(&key)).await.ok().map(|r| r.into_inner()) }
     })
     .await?;
-    let mut f = forwarder_clients[0].clone();
+    let mut f = forwarder_load.clients[0].clone();
     let base = f.query_records(one_key_query(&keys[0])).await?.into_inner();
     check_answer(&first, &keys[0]).map_err(|e| anyhow::anyhow!("{e:?}"))?;
     check_answer(&base, &keys[0]).map_err(|e| anyhow::anyhow!("{e:?}"))?;
@@ -672,7 +683,7 @@ async fn relay_section(args: &Args, pki: &TestPki, tmp: &std::path::Path, rows: 
     }
 
     drop(relay_clients);
-    drop(forwarder_clients);
+    drop(forwarder_load);
     pair.shutdown().await?;
     tax.stop().await?;
     commerce.stop().await?;
@@ -732,23 +743,10 @@ async fn relay_steps_section(args: &Args, pki: &TestPki, tmp: &std::path::Path, 
             Some(&dir),
         )
         .await?;
-        let clients = Arc::new(
-            channels_to(&pair.addr, &tax_app, &[Role::Node], args.connections)
-                .await?
-                .into_iter()
-                .map(forwarder::client_on)
-                .collect::<Vec<_>>(),
-        );
+        let load = ForwarderLoad::connect(&pair.addr, &tax_app, args.connections, keys.clone()).await?;
         let call = {
-            let (clients, keys) = (clients.clone(), keys.clone());
-            move |i: u64| {
-                let mut c = clients[i as usize % clients.len()].clone();
-                let key = keys[key_index(i, keys.len())].clone();
-                async move {
-                    let resp = c.query_records(one_key_query(&key)).await?.into_inner();
-                    check_answer(&resp, &key)
-                }
-            }
+            let load = load.clone();
+            move |i: u64| load.call(i)
         };
         let _ = load::run(8, u64::MAX, warm_up, call.clone()).await;
         let (cpu, meter) = (load::process_cpu_time(), load::OthersMeter::start());
@@ -780,7 +778,7 @@ async fn relay_steps_section(args: &Args, pki: &TestPki, tmp: &std::path::Path, 
                 (cpu.as_secs_f64() - base_cpu.as_secs_f64()) * 1e6),
             target: format!("p99 {} at {:.0}/s", ms(open.stats.percentile(99.0)), open.rate),
         });
-        drop(clients);
+        drop(load);
         pair.shutdown().await?;
     }
     Ok(())
