@@ -459,7 +459,7 @@ impl EnterpriseRecord {
         w.put(i::REGISTRATION_AUTHORITY, self.registration_authority.as_ref());
         w.put(i::INDUSTRY, self.industry.as_ref());
         w.put(i::UPDATED_AT, self.updated_at.map(format_datetime));
-        Record { key: self.credit_code.clone(), items: w.0, updated_at_unix_ms: self.stored_at_unix_ms }
+        Record { key: self.credit_code.clone(), items: w.0, updated_at_unix_ms: self.stored_at_unix_ms, version: 0 }
     }
 
     /// Reads a wire record. Missing items become `None`; an item in the wrong format is an error. The key
@@ -544,7 +544,7 @@ impl PopulationRecord {
         w.put(i::ADDRESS, self.address.as_ref());
         w.put(i::HOUSEHOLD_REGISTRATION, self.household_registration.as_ref());
         w.put(i::STATUS, self.status.as_ref());
-        Record { key: self.identity_number.clone(), items: w.0, updated_at_unix_ms: self.stored_at_unix_ms }
+        Record { key: self.identity_number.clone(), items: w.0, updated_at_unix_ms: self.stored_at_unix_ms, version: 0 }
     }
 
     /// Reads a wire record. Missing items become `None`; an item in the wrong format is an error. The key
@@ -1148,6 +1148,7 @@ mod tests {
                 (enterprise_items::ESTABLISHED_ON.to_string(), String::new()),
             ]),
             updated_at_unix_ms: 0,
+            version: 0,
         };
         let e = EnterpriseRecord::from_record(&r).unwrap();
         assert_eq!(e.name.as_deref(), Some("某某公司"));
@@ -1165,6 +1166,7 @@ mod tests {
             key: String::new(),
             items: HashMap::from([(enterprise_items::CREDIT_CODE.to_string(), CODE.to_string())]),
             updated_at_unix_ms: 0,
+            version: 0,
         };
         assert_eq!(EnterpriseRecord::from_record(&r).unwrap().credit_code, CODE);
         let err = PopulationRecord::from_record(&Record::default()).unwrap_err();
@@ -1234,6 +1236,7 @@ mod tests {
             key: masked.clone(),
             items: HashMap::from([(population_items::IDENTITY_NUMBER.to_string(), masked.clone())]),
             updated_at_unix_ms: 0,
+            version: 0,
         };
         let p = PopulationRecord::from_record(&r).unwrap();
         assert!(p.identity_number_masked());
@@ -1292,6 +1295,7 @@ mod tests {
             key: CODE.into(),
             items: HashMap::from([("经营范围".to_string(), "字".repeat(200_000))]),
             updated_at_unix_ms: 0,
+            version: 0,
         };
         let b = put_batches(&vec![big; 10]);
         assert!(b.len() > 1 && b.iter().all(|r| r.len() * 600_000 <= MAX_MESSAGE_BYTES), "{b:?}");

@@ -40,6 +40,7 @@ pub mod audit;
 pub mod config;
 pub mod consumer;
 pub mod error;
+pub mod events;
 pub mod policy;
 pub mod quota;
 pub mod records;

@@ -17,9 +17,14 @@ use client_sdk::auth::caller;
 use client_sdk::identity::{PeerIdentity, Role};
 use exchange_proto::limits::MAX_QUERY_KEYS;
 use exchange_proto::v1::relay_server::Relay;
-use exchange_proto::v1::{CatalogEntry, FetchRecordsRequest, FetchRecordsResponse, RecordKind};
+use exchange_proto::v1::{
+    CatalogEntry, EventAck, EventDelivery, FetchRecordsRequest, FetchRecordsResponse, FetchSnapshotRequest, RecordKind,
+    RelaySubscribeRequest, RelaySubscribeResponse, RelayUnsubscribeRequest, RelayUnsubscribeResponse, SnapshotPage,
+};
 use prost::Message;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::events::{EventStream, Events};
 
 use crate::audit::{AuditLog, AuditRecord, KeyHasher, Side};
 use crate::error::{NodeError, Violation};
@@ -213,14 +218,16 @@ pub fn check_keys(entry: &CatalogEntry, keys: &[String]) -> Vec<Violation> {
 pub struct RelayService {
     exchange: Arc<Exchange>,
     directory: exchange_proto::v1::directory_client::DirectoryClient<tonic::transport::Channel>,
+    events: Arc<Events>,
 }
 
 impl RelayService {
     pub fn new(
         exchange: Arc<Exchange>,
         directory: exchange_proto::v1::directory_client::DirectoryClient<tonic::transport::Channel>,
+        events: Arc<Events>,
     ) -> Self {
-        RelayService { exchange, directory }
+        RelayService { exchange, directory, events }
     }
 
     async fn serve(
@@ -320,6 +327,42 @@ impl Relay for RelayService {
         );
         let result = self.serve(&id, &body, &mut audit).await;
         x.close_audit(audit, result, |r| r.data_items.clone()).map(Response::new).map_err(Status::from)
+    }
+
+    async fn subscribe(
+        &self,
+        request: Request<RelaySubscribeRequest>,
+    ) -> Result<Response<RelaySubscribeResponse>, Status> {
+        let id = caller(&request)?.clone();
+        Ok(Response::new(self.events.relay_subscribe(&id, request.into_inner()).await?))
+    }
+
+    async fn unsubscribe(
+        &self,
+        request: Request<RelayUnsubscribeRequest>,
+    ) -> Result<Response<RelayUnsubscribeResponse>, Status> {
+        let id = caller(&request)?.clone();
+        Ok(Response::new(self.events.relay_unsubscribe(&id, request.into_inner()).await?))
+    }
+
+    type StreamEventsStream = EventStream<EventDelivery>;
+
+    async fn stream_events(
+        &self,
+        request: Request<Streaming<EventAck>>,
+    ) -> Result<Response<Self::StreamEventsStream>, Status> {
+        let id = caller(&request)?.clone();
+        Ok(Response::new(self.events.stream_events(&id, request.into_inner()).await?))
+    }
+
+    type FetchSnapshotStream = EventStream<SnapshotPage>;
+
+    async fn fetch_snapshot(
+        &self,
+        request: Request<FetchSnapshotRequest>,
+    ) -> Result<Response<Self::FetchSnapshotStream>, Status> {
+        let id = caller(&request)?.clone();
+        Ok(Response::new(self.events.fetch_snapshot(&id, request.into_inner()).await?))
     }
 }
 

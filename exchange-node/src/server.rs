@@ -20,6 +20,7 @@ use crate::audit::{self, AuditKeys, AuditLog};
 use crate::config::Config;
 use crate::consumer::{Consumer, ConsumerSettings};
 use crate::error::NodeError;
+use crate::events::Events;
 use crate::policy::Policy;
 use crate::quota::QuotaTable;
 use crate::records::sled::SledRecordStore;
@@ -124,6 +125,7 @@ pub async fn run_with_timing(
         &db,
     )?);
 
+    let events = Arc::new(Events {});
     let (stop_tx, stop_rx) = watch::channel(false);
     let registration = Registrar {
         directory: directory.clone(),
@@ -163,11 +165,11 @@ pub async fn run_with_timing(
         .build_v1alpha()
         .map_err(|e| NodeError::Serve(e.to_string()))?;
 
-    let relay_service = RelayServer::new(RelayService::new(exchange.clone(), directory.clone()))
+    let relay_service = RelayServer::new(RelayService::new(exchange.clone(), directory.clone(), events.clone()))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let node_service =
-        ExchangeNodeServer::new(NodeService::new(directory, config.directory_address.clone(), state, exchange, consumer))
+        ExchangeNodeServer::new(NodeService::new(directory, config.directory_address.clone(), state, exchange, consumer, events))
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
     // Health and reflection pass the same per-call check: a revoked certificate cannot even probe them.

@@ -13,7 +13,10 @@ use client_sdk::identity::{PeerIdentity, Role};
 use exchange_proto::v1::directory_client::DirectoryClient;
 use exchange_proto::v1::exchange_node_server::ExchangeNode;
 use exchange_proto::v1::{
-    NodeStatusRequest, NodeStatusResponse, PublishEntriesRequest, PublishEntriesResponse, PutRecordsRequest,
+    AckEventsRequest, AckEventsResponse, ListSubscriptionsRequest, ListSubscriptionsResponse, PublishEventsRequest,
+    PublishEventsResponse, ReceiveEventsRequest, ReceivedEvents, SnapshotPage, SubscribeRequest, SubscribeResponse,
+    SyncSnapshotRequest, UnsubscribeRequest, UnsubscribeResponse,
+    NodeStatusRequest, NodeStatusResponse, RecordChange, RecordChangeKind, PublishEntriesRequest, PublishEntriesResponse, PutRecordsRequest,
     PutRecordsResponse, QueryAuditRequest, QueryAuditResponse, QueryRecordsRequest, QueryRecordsResponse,
     VerifyAuditRequest, VerifyAuditResponse, WithdrawEntriesRequest, WithdrawEntriesResponse,
 };
@@ -22,8 +25,8 @@ use tonic::{Request, Response, Status};
 
 use crate::audit;
 use crate::consumer::Consumer;
-use crate::error::{NodeError, Violation};
-use crate::records::validate::validate_batch;
+use crate::events::{EventStream, Events};
+use crate::error::NodeError;
 use crate::relay::Exchange;
 use crate::state::NodeState;
 
@@ -36,6 +39,7 @@ pub struct NodeService {
     state: Arc<NodeState>,
     exchange: Arc<Exchange>,
     consumer: Arc<Consumer>,
+    events: Arc<Events>,
 }
 
 impl NodeService {
@@ -45,8 +49,9 @@ impl NodeService {
         state: Arc<NodeState>,
         exchange: Arc<Exchange>,
         consumer: Arc<Consumer>,
+        events: Arc<Events>,
     ) -> Self {
-        NodeService { directory, directory_address, state, exchange, consumer }
+        NodeService { directory, directory_address, state, exchange, consumer, events }
     }
 
     /// Refuses callers of another department, and roles other than `roles`.
@@ -147,31 +152,79 @@ impl ExchangeNode for NodeService {
         let id = caller(&request)?.clone();
         self.authorize(&id, &[Role::App, Role::Operator], "PutRecords")?;
         let body = request.into_inner();
-        let x = &self.exchange;
-        let entry = x.own_entry(&body.resource_code, &self.directory).await?;
-        if entry.withdrawn {
-            return Err(NodeError::FailedPrecondition(format!(
-                "resource {} has been withdrawn; publish it again before loading records",
-                body.resource_code
-            ))
-            .into());
-        }
-        let today = time::OffsetDateTime::now_utc().date();
-        let count = body.records.len();
-        let records = validate_batch(&entry, body.records, today).map_err(|violations| {
-            tracing::info!(caller = %id, resource = %body.resource_code, records = count, violations = violations.len(), "record batch refused");
-            NodeError::InvalidArgument(
-                violations.into_iter().map(|v| Violation::new(v.field, v.description)).collect(),
-            )
-        })?;
-        let store = x.records.clone();
-        let code = body.resource_code.clone();
-        let stored = tokio::task::spawn_blocking(move || store.put_batch(&code, records))
-            .await
-            .map_err(|e| NodeError::Store(format!("record store task: {e}")))?
-            .map_err(|e| NodeError::Store(e.to_string()))?;
-        tracing::info!(caller = %id, resource = %body.resource_code, records = stored, "records stored");
-        Ok(Response::new(PutRecordsResponse { stored }))
+        let stored = body.records.len() as u64;
+        // A put is a publish whose change kinds the store works out (CREATED or UPDATED).
+        let changes = body
+            .records
+            .into_iter()
+            .map(|record| RecordChange { record: Some(record), kind: RecordChangeKind::Unspecified as i32 })
+            .collect();
+        let resp = self
+            .events
+            .publish(&id, PublishEventsRequest { resource_code: body.resource_code, changes }, "PutRecords")
+            .await?;
+        Ok(Response::new(PutRecordsResponse { stored, first_seq: resp.first_seq, last_seq: resp.last_seq }))
+    }
+
+    async fn publish_events(
+        &self,
+        request: Request<PublishEventsRequest>,
+    ) -> Result<Response<PublishEventsResponse>, Status> {
+        let id = caller(&request)?.clone();
+        self.authorize(&id, &[Role::App, Role::Operator], "PublishEvents")?;
+        Ok(Response::new(self.events.publish(&id, request.into_inner(), "PublishEvents").await?))
+    }
+
+    async fn subscribe(&self, request: Request<SubscribeRequest>) -> Result<Response<SubscribeResponse>, Status> {
+        let id = caller(&request)?.clone();
+        self.authorize(&id, &[Role::App, Role::Operator], "Subscribe")?;
+        Ok(Response::new(self.events.subscribe(&id, request.into_inner()).await?))
+    }
+
+    async fn unsubscribe(&self, request: Request<UnsubscribeRequest>) -> Result<Response<UnsubscribeResponse>, Status> {
+        let id = caller(&request)?.clone();
+        self.authorize(&id, &[Role::App, Role::Operator], "Unsubscribe")?;
+        Ok(Response::new(self.events.unsubscribe(&id, request.into_inner()).await?))
+    }
+
+    async fn list_subscriptions(
+        &self,
+        request: Request<ListSubscriptionsRequest>,
+    ) -> Result<Response<ListSubscriptionsResponse>, Status> {
+        let id = caller(&request)?.clone();
+        self.authorize(&id, &[Role::App, Role::Operator], "ListSubscriptions")?;
+        Ok(Response::new(self.events.list()?))
+    }
+
+    type ReceiveEventsStream = EventStream<ReceivedEvents>;
+
+    async fn receive_events(
+        &self,
+        request: Request<ReceiveEventsRequest>,
+    ) -> Result<Response<Self::ReceiveEventsStream>, Status> {
+        let id = caller(&request)?.clone();
+        self.authorize(&id, &[Role::App, Role::Operator], "ReceiveEvents")?;
+        Ok(Response::new(self.events.receive(request.into_inner()).await?))
+    }
+
+    async fn ack_events(&self, request: Request<AckEventsRequest>) -> Result<Response<AckEventsResponse>, Status> {
+        let id = caller(&request)?.clone();
+        self.authorize(&id, &[Role::App, Role::Operator], "AckEvents")?;
+        Ok(Response::new(self.events.ack(request.into_inner()).await?))
+    }
+
+    type SyncSnapshotStream = EventStream<SnapshotPage>;
+
+    async fn sync_snapshot(
+        &self,
+        request: Request<SyncSnapshotRequest>,
+    ) -> Result<Response<Self::SyncSnapshotStream>, Status> {
+        let id = caller(&request)?.clone();
+        // A refused caller is audited too, as for QueryRecords.
+        let allowed = self
+            .authorize(&id, &[Role::App, Role::Operator], "SyncSnapshot")
+            .map_err(|s| NodeError::PermissionDenied(s.message().to_string()));
+        Ok(Response::new(self.events.sync_snapshot(&id, request.into_inner(), allowed).await?))
     }
 
     async fn query_records(

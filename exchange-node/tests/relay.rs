@@ -53,6 +53,7 @@ fn record(key: &str, items: &[(&str, &str)]) -> Record {
         key: key.to_string(),
         items: items.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
         updated_at_unix_ms: 0,
+        version: 0,
     }
 }
 

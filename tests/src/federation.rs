@@ -201,6 +201,7 @@ pub fn enterprise_records(n: usize, seed: u64) -> Vec<Record> {
                 key,
                 items: items.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
                 updated_at_unix_ms: 0,
+                version: 0,
             }
         })
         .collect()

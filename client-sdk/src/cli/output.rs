@@ -1169,6 +1169,7 @@ mod tests {
                     .map(|(k, v)| (k.to_string(), v.to_string()))
                     .collect(),
                 updated_at_unix_ms: 1_767_225_600_000,
+                version: 0,
             }],
             not_found: vec![1],
             data_items: vec!["公民身份号码".into(), "姓名".into(), "民族".into()],

@@ -64,7 +64,7 @@ pub(super) fn parse_records(text: &str) -> Result<Vec<Record>, String> {
                     _ => Some(Err(format!("{at}: item {name:?} must be text, a number or true/false"))),
                 })
                 .collect::<Result<HashMap<_, _>, _>>()?;
-            Ok(Record { key: line.key, items, updated_at_unix_ms: 0 })
+            Ok(Record { key: line.key, items, ..Default::default() })
         })
         .collect()
 }

@@ -114,6 +114,7 @@ mod tests {
                     .map(|(k, v)| (k.to_string(), v.to_string())),
             ),
             updated_at_unix_ms: 1_700_000_000_000,
+            version: 0,
         }
     }
 
@@ -130,6 +131,7 @@ mod tests {
             key: VALID_USCC.into(),
             items: HashMap::from([("统一社会信用代码".into(), VALID_USCC.into()), ("企业名称".into(), "甲公司".into())]),
             updated_at_unix_ms: 5,
+            version: 0,
         };
         assert_eq!(apply(&d, &entry, record.clone()), record);
     }
@@ -148,6 +150,7 @@ mod tests {
                 ("住所".into(), "福州市".into()),
             ]),
             updated_at_unix_ms: 5,
+            version: 0,
         };
         let out = apply(&d, &entry, record);
         assert_eq!(out.key, VALID_USCC, "a credit code is never masked");

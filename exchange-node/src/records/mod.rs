@@ -108,6 +108,7 @@ pub(crate) mod test_support {
             key: key.into(),
             items: items.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             updated_at_unix_ms: 0,
+            version: 0,
         }
     }
 

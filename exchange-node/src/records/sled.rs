@@ -110,6 +110,7 @@ mod tests {
             key: key.into(),
             items: HashMap::from([("企业名称".to_string(), name.to_string()), ("统一社会信用代码".to_string(), key.to_string())]),
             updated_at_unix_ms: 0,
+            version: 0,
         }
     }
 
