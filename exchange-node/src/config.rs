@@ -67,11 +67,24 @@ pub struct RelayConfig {
     pub resolve_cache_seconds: u64,
     /// How often the audit trail is sealed (signed) when it has new entries.
     pub audit_seal_seconds: u64,
+    /// How old the node's copy of the directory's state (grants, revocations, its catalog entries, the
+    /// provider addresses it resolved) may get while the directory is unreachable before the node stops
+    /// relaying. The copy is fresh while the node's three watch streams are connected; its age counts from
+    /// the moment they were last all connected.
+    pub max_directory_staleness_seconds: u64,
 }
+
+/// Default of [`RelayConfig::max_directory_staleness_seconds`]: one hour.
+pub const DEFAULT_MAX_DIRECTORY_STALENESS_SECONDS: u64 = 3600;
 
 impl Default for RelayConfig {
     fn default() -> Self {
-        RelayConfig { call_timeout_seconds: 10, resolve_cache_seconds: 30, audit_seal_seconds: 10 }
+        RelayConfig {
+            call_timeout_seconds: 10,
+            resolve_cache_seconds: 30,
+            audit_seal_seconds: 10,
+            max_directory_staleness_seconds: DEFAULT_MAX_DIRECTORY_STALENESS_SECONDS,
+        }
     }
 }
 
@@ -132,6 +145,9 @@ impl Config {
         if self.relay.call_timeout_seconds == 0 || self.relay.audit_seal_seconds == 0 {
             return Err("relay.call_timeout_seconds and relay.audit_seal_seconds must be at least 1".into());
         }
+        if self.relay.max_directory_staleness_seconds == 0 {
+            return Err("relay.max_directory_staleness_seconds must be at least 1 (default 3600)".into());
+        }
         QuotaTable::new(&self.quotas).map_err(|e| e.to_string())?;
         Ok(())
     }
@@ -187,6 +203,17 @@ key = "/etc/keys/tax-node.key"
     }
 
     #[test]
+    fn staleness_bound_defaults_to_an_hour_and_cannot_be_zero() {
+        let c = Config::from_toml(MINIMAL, Path::new(".")).unwrap();
+        assert_eq!(c.relay.max_directory_staleness_seconds, 3600);
+        let zero = format!("{MINIMAL}\n[relay]\nmax_directory_staleness_seconds = 0\n");
+        let err = Config::from_toml(&zero, Path::new(".")).unwrap_err();
+        assert!(err.contains("max_directory_staleness_seconds"), "{err}");
+        let set = zero.replace("= 0", "= 600");
+        assert_eq!(Config::from_toml(&set, Path::new(".")).unwrap().relay.max_directory_staleness_seconds, 600);
+    }
+
+    #[test]
     fn example_config_parses() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/config/node.example.toml");
         let c = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
@@ -194,5 +221,6 @@ key = "/etc/keys/tax-node.key"
         assert!(c.catalog_file.is_some());
         assert_eq!(c.quotas.len(), 2);
         assert_eq!(c.relay.audit_seal_seconds, 10);
+        assert_eq!(c.relay.max_directory_staleness_seconds, 3600);
     }
 }

@@ -4,7 +4,9 @@
 //!
 //! - **Resolution** (resource → catalog entry and provider nodes) comes from the directory and is kept
 //!   for `resolve_cache_seconds`, and dropped at once when the catalog watch reports a change to the
-//!   entry. The last answer is also kept on disk and used when the directory cannot be reached.
+//!   entry. The last answer is also kept on disk and used when the directory cannot be reached, as long
+//!   as the node's copy of the directory's state is within `relay.max_directory_staleness_seconds`
+//!   ([`crate::policy::Policy::check_fresh`]); past it, the node does not relay.
 //! - **Connections** to provider nodes are pooled per (department, address): HTTP/2 multiplexes every
 //!   concurrent query over one TLS connection. The provider must present a `node` certificate of the
 //!   department the catalog names, not merely any valid certificate at that address.
@@ -31,6 +33,7 @@ use tonic::Request;
 use crate::audit::{AuditRecord, Side};
 use crate::error::NodeError;
 use crate::relay::{check_keys, check_request, now_us, Exchange};
+use crate::state::now_unix_ms;
 
 const TREE_RESOLVED: &str = "consumer_resolved";
 
@@ -54,7 +57,7 @@ pub struct Consumer {
     peers: Mutex<HashMap<(String, String), RelayClient<Channel>>>,
 }
 
-fn random_message_id() -> String {
+pub(crate) fn random_message_id() -> String {
     let mut bytes = [0u8; 16];
     getrandom::fill(&mut bytes).expect("the OS random source");
     hex::encode(bytes)
@@ -86,7 +89,7 @@ impl Consumer {
         self.resolved.lock().expect("resolve cache").remove(resource_code);
     }
 
-    async fn resolve(&self, resource_code: &str, fresh: bool) -> Result<Arc<ResolveResourceResponse>, NodeError> {
+    pub(crate) async fn resolve(&self, resource_code: &str, fresh: bool) -> Result<Arc<ResolveResourceResponse>, NodeError> {
         if !fresh {
             if let Some((r, at)) = self.resolved.lock().expect("resolve cache").get(resource_code) {
                 if at.elapsed() < self.settings.resolve_cache {
@@ -112,7 +115,14 @@ impl Consumer {
                 Err(NodeError::Directory(s))
             }
             Err(s) => {
-                // The directory is unreachable or failing: fall back to the last answer, however old.
+                // The directory is unreachable or failing: fall back to the last answer, as long as the node's
+                // copy of the directory's state is within relay.max_directory_staleness_seconds.
+                let now = now_unix_ms();
+                if self.exchange.policy.is_stale(now) {
+                    let stale = self.exchange.policy.check_fresh(now).err().map(|e| e.to_string()).unwrap_or_default();
+                    let directory = NodeError::from_directory(&self.settings.directory_address, s);
+                    return Err(NodeError::Unavailable(format!("{directory}; {stale}")));
+                }
                 let from_memory = self.resolved.lock().expect("resolve cache").get(resource_code).map(|(r, _)| r.clone());
                 let cached = match from_memory {
                     Some(r) => Some(r),
@@ -133,7 +143,7 @@ impl Consumer {
         }
     }
 
-    fn peer(&self, department: &str, address: &str) -> Result<RelayClient<Channel>, NodeError> {
+    pub(crate) fn peer(&self, department: &str, address: &str) -> Result<RelayClient<Channel>, NodeError> {
         let key = (department.to_string(), address.to_string());
         let mut peers = self.peers.lock().expect("peer pool");
         if let Some(c) = peers.get(&key) {
@@ -187,6 +197,8 @@ impl Consumer {
         if !violations.is_empty() {
             return Err(NodeError::InvalidArgument(violations));
         }
+        // Provider addresses and revocations kept too long without the directory may no longer hold.
+        self.exchange.policy.check_fresh(now_unix_ms())?;
         let mut resolved = self.resolve(&body.resource_code, false).await?;
         let entry = resolved.entry.clone().unwrap_or_default();
         audit.provider = entry.provider_code.clone();

@@ -36,6 +36,12 @@ pub enum NodeError {
     NotFound(String),
     #[error("{0}")]
     FailedPrecondition(String),
+    /// A position (seq) outside what is kept.
+    #[error("{0}")]
+    OutOfRange(String),
+    /// Events that were owed are gone (a subscription must be made again and resynchronized).
+    #[error("{0}")]
+    DataLoss(String),
     /// A provider's quota for this consumer and resource is used up until `retry_after`.
     #[error("{message}")]
     ResourceExhausted { message: String, retry_after: Duration },
@@ -95,6 +101,8 @@ impl From<NodeError> for Status {
             NodeError::PermissionDenied(msg) => Status::permission_denied(msg),
             NodeError::NotFound(msg) => Status::not_found(msg),
             NodeError::FailedPrecondition(msg) => Status::failed_precondition(msg),
+            NodeError::OutOfRange(msg) => Status::out_of_range(msg),
+            NodeError::DataLoss(msg) => Status::data_loss(msg),
             NodeError::ResourceExhausted { message, retry_after } => {
                 client_sdk::status::resource_exhausted(message, retry_after)
             }

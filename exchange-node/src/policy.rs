@@ -14,10 +14,19 @@
 //! The decision ([`Policy::authorize`]) follows the catalog entry's share type: unconditional → any
 //! department's node; conditional → only a consumer with an approved, unexpired grant, and only the
 //! granted items; not shared → nobody. The node's own department always sees all of its own items.
+//!
+//! **Freshness.** The copy is fresh (age 0) while all three watch streams are connected. When one drops,
+//! its age counts from the moment they were last all connected; that moment is kept in the meta tree (on
+//! every change of state, and every [`PERSIST_EVERY_MS`] while connected, see [`Policy::touch`]), so a
+//! node restarted while the directory is down still knows how old its copy is. A node that never had a
+//! fresh copy counts from when the policy was opened. Past [`Policy::max_staleness`]
+//! (`relay.max_directory_staleness_seconds`), [`Policy::check_fresh`] refuses: the relay stops on both
+//! sides until the directory is reachable again.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::time::Duration;
 
 use client_sdk::identity::normalize_serial;
 use client_sdk::tls::RevocationSet;
@@ -33,6 +42,13 @@ const TREE_META: &str = "policy_meta";
 const KEY_CATALOG_VERSION: &[u8] = b"catalog_version";
 const KEY_GRANTS_VERSION: &[u8] = b"grants_version";
 const KEY_REVOCATIONS_VERSION: &[u8] = b"revocations_version";
+/// When the copy was last known fresh (all three streams connected), unix ms, big-endian i64.
+const KEY_LAST_FRESH: &[u8] = b"last_fresh_unix_ms";
+const ALL_FEEDS: u8 = Feed::Catalog as u8 | Feed::Grants as u8 | Feed::Revocations as u8;
+/// While connected, the "last fresh" time is written at most this often (see [`Policy::touch`]).
+pub const PERSIST_EVERY_MS: i64 = 10_000;
+/// Default of [`Policy::max_staleness`] (the config's `relay.max_directory_staleness_seconds`).
+pub const DEFAULT_MAX_STALENESS: Duration = Duration::from_secs(crate::config::DEFAULT_MAX_DIRECTORY_STALENESS_SECONDS);
 
 /// The directory streams the node follows; each reports whether it is connected.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -77,10 +93,48 @@ pub struct Policy {
     known: RwLock<Known>,
     revoked: RevocationSet,
     connected: AtomicU8,
+    freshness: Mutex<Freshness>,
+    max_staleness_ms: AtomicU64,
+    /// Whether the last look found the copy stale (to log each change once).
+    stale_seen: AtomicBool,
+    directory_address: OnceLock<String>,
+}
+
+/// When the copy was last fresh.
+#[derive(Debug)]
+struct Freshness {
+    /// The last moment all three streams were known connected (unix ms): the time of the last change of
+    /// state, or of the last [`Policy::touch`] while connected.
+    last_fresh_unix_ms: i64,
+    /// When `last_fresh_unix_ms` was last written to the meta tree.
+    persisted_unix_ms: i64,
 }
 
 fn corrupt(tree: &str, e: impl std::fmt::Display) -> NodeError {
     NodeError::Store(format!("{tree}: unreadable record: {e}"))
+}
+
+/// A duration as an operator reads it: `2h03m`, `1h`, `5m20s`, `45s`, `3.4s`.
+pub fn human_duration(d: Duration) -> String {
+    let secs = d.as_secs();
+    let (h, m, s) = (secs / 3600, secs / 60 % 60, secs % 60);
+    if h > 0 {
+        if m == 0 && s == 0 {
+            format!("{h}h")
+        } else {
+            format!("{h}h{m:02}m")
+        }
+    } else if m > 0 {
+        if s == 0 {
+            format!("{m}m")
+        } else {
+            format!("{m}m{s:02}s")
+        }
+    } else if d.subsec_millis() >= 100 && secs < 10 {
+        format!("{s}.{}s", d.subsec_millis() / 100)
+    } else {
+        format!("{s}s")
+    }
 }
 
 fn read_u64(tree: &sled::Tree, key: &[u8]) -> Result<u64, NodeError> {
@@ -94,15 +148,31 @@ fn read_u64(tree: &sled::Tree, key: &[u8]) -> Result<u64, NodeError> {
 impl Policy {
     /// Opens the node's copy from `db` and loads it, feeding the stored revocations into `revoked`.
     pub fn open(db: &sled::Db, department: &str, revoked: RevocationSet) -> Result<Self, NodeError> {
+        Self::open_at(db, department, revoked, crate::state::now_unix_ms())
+    }
+
+    /// [`Policy::open`] at `now_unix_ms` (a new node's copy is counted fresh from then).
+    fn open_at(db: &sled::Db, department: &str, revoked: RevocationSet, now_unix_ms: i64) -> Result<Self, NodeError> {
+        let meta = db.open_tree(TREE_META)?;
+        let last_fresh = match meta.get(KEY_LAST_FRESH)? {
+            Some(v) if v.len() == 8 => i64::from_be_bytes(v.as_ref().try_into().expect("8 bytes")),
+            Some(_) => return Err(corrupt(TREE_META, String::from_utf8_lossy(KEY_LAST_FRESH))),
+            // Never in step with the directory: count from now, so a new node is not refused at once.
+            None => now_unix_ms,
+        };
         let policy = Policy {
             department: department.to_string(),
             entries: db.open_tree(TREE_ENTRIES)?,
             grants: db.open_tree(TREE_GRANTS)?,
             revocation_log: db.open_tree(TREE_REVOCATIONS)?,
-            meta: db.open_tree(TREE_META)?,
+            meta,
             known: RwLock::default(),
             revoked,
             connected: AtomicU8::new(0),
+            freshness: Mutex::new(Freshness { last_fresh_unix_ms: last_fresh, persisted_unix_ms: last_fresh }),
+            max_staleness_ms: AtomicU64::new(DEFAULT_MAX_STALENESS.as_millis() as u64),
+            stale_seen: AtomicBool::new(false),
+            directory_address: OnceLock::new(),
         };
         let mut known = Known {
             catalog_version: read_u64(&policy.meta, KEY_CATALOG_VERSION)?,
@@ -241,17 +311,128 @@ impl Policy {
         Ok(())
     }
 
+    /// A watch stream opened or closed. When all three become connected, or one of the three drops, the
+    /// moment is kept as the last time the copy was fresh.
     pub fn set_connected(&self, feed: Feed, connected: bool) {
-        if connected {
-            self.connected.fetch_or(feed as u8, Ordering::Relaxed);
+        self.set_connected_at(feed, connected, crate::state::now_unix_ms());
+    }
+
+    fn set_connected_at(&self, feed: Feed, connected: bool, now_unix_ms: i64) {
+        let before = if connected {
+            self.connected.fetch_or(feed as u8, Ordering::SeqCst)
         } else {
-            self.connected.fetch_and(!(feed as u8), Ordering::Relaxed);
+            self.connected.fetch_and(!(feed as u8), Ordering::SeqCst)
+        };
+        let after = if connected { before | feed as u8 } else { before & !(feed as u8) };
+        let (was_all, is_all) = (before == ALL_FEEDS, after == ALL_FEEDS);
+        if was_all != is_all {
+            // Connected: fresh from now. Dropped: the copy was fresh until now.
+            let mut f = self.freshness.lock().expect("freshness lock");
+            f.last_fresh_unix_ms = f.last_fresh_unix_ms.max(now_unix_ms);
+            self.persist_last_fresh(&mut f, now_unix_ms);
+            drop(f);
+            if is_all {
+                tracing::debug!("all directory watches connected: the node's copy of the directory's rules is current");
+            } else {
+                tracing::debug!(?feed, bound = %human_duration(self.max_staleness()), "a directory watch dropped: the node's copy of the directory's rules ages from now");
+            }
+            self.note_staleness(now_unix_ms);
         }
     }
 
     /// True while all three watch streams are open.
     pub fn all_connected(&self) -> bool {
-        self.connected.load(Ordering::Relaxed) == 7
+        self.connected.load(Ordering::SeqCst) == ALL_FEEDS
+    }
+
+    /// Called periodically by the sync task: while connected, moves the "last fresh" time to now and writes
+    /// it down at most every [`PERSIST_EVERY_MS`] (no flush: sled flushes in the background, and the
+    /// shutdown flushes); while disconnected, notices (and logs, once) when the copy goes stale.
+    pub fn touch(&self, now_unix_ms: i64) {
+        if self.all_connected() {
+            let mut f = self.freshness.lock().expect("freshness lock");
+            f.last_fresh_unix_ms = f.last_fresh_unix_ms.max(now_unix_ms);
+            if now_unix_ms - f.persisted_unix_ms >= PERSIST_EVERY_MS {
+                self.persist_last_fresh(&mut f, now_unix_ms);
+            }
+        }
+        self.note_staleness(now_unix_ms);
+    }
+
+    fn persist_last_fresh(&self, f: &mut Freshness, now_unix_ms: i64) {
+        match self.meta.insert(KEY_LAST_FRESH, &f.last_fresh_unix_ms.to_be_bytes()) {
+            Ok(_) => f.persisted_unix_ms = now_unix_ms,
+            Err(e) => tracing::warn!(error = %e, "could not record when the directory's rules were last current"),
+        }
+    }
+
+    /// Where the directory is, for the messages of [`Policy::check_fresh`] (set once, by the sync task).
+    pub fn set_directory_address(&self, address: &str) {
+        let _ = self.directory_address.set(address.to_string());
+    }
+
+    /// How old the copy may get while the directory is unreachable before the node stops relaying (the
+    /// config's `relay.max_directory_staleness_seconds`; default an hour).
+    pub fn set_max_staleness(&self, d: Duration) {
+        self.max_staleness_ms.store((d.as_millis() as u64).max(1), Ordering::Relaxed);
+    }
+
+    pub fn max_staleness(&self) -> Duration {
+        Duration::from_millis(self.max_staleness_ms.load(Ordering::Relaxed))
+    }
+
+    /// How old the node's copy of the directory's rules is at `now_unix_ms`: zero while all three watch
+    /// streams are connected, else the time since they were last all connected (or since the policy was
+    /// opened, for a node that never was).
+    pub fn directory_state_age(&self, now_unix_ms: i64) -> Duration {
+        if self.all_connected() {
+            return Duration::ZERO;
+        }
+        let last = self.freshness.lock().expect("freshness lock").last_fresh_unix_ms;
+        Duration::from_millis(now_unix_ms.saturating_sub(last).max(0) as u64)
+    }
+
+    /// True when the copy is older than [`Policy::max_staleness`].
+    pub fn is_stale(&self, now_unix_ms: i64) -> bool {
+        self.note_staleness(now_unix_ms).is_some()
+    }
+
+    /// `Ok` while the copy is within the bound; otherwise UNAVAILABLE, saying how old it is and why the
+    /// node stops (for the relay on both sides, and event delivery).
+    pub fn check_fresh(&self, now_unix_ms: i64) -> Result<(), NodeError> {
+        let Some(age) = self.note_staleness(now_unix_ms) else { return Ok(()) };
+        let directory = match self.directory_address.get() {
+            Some(addr) => format!("the directory at {addr}"),
+            None => "the directory".to_string(),
+        };
+        Err(NodeError::Unavailable(format!(
+            "this node's copy of the directory's rules is {} old, over the bound of {} \
+             (relay.max_directory_staleness_seconds): grants, revocations and provider addresses may have \
+             changed since, so this node does not relay until {directory} is reachable again",
+            human_duration(age),
+            human_duration(self.max_staleness()),
+        )))
+    }
+
+    /// The copy's age if it is stale, logging each change between fresh and stale once.
+    fn note_staleness(&self, now_unix_ms: i64) -> Option<Duration> {
+        let age = self.directory_state_age(now_unix_ms);
+        let bound = self.max_staleness();
+        let stale = age > bound;
+        if self.stale_seen.swap(stale, Ordering::Relaxed) != stale {
+            if stale {
+                tracing::warn!(
+                    age = %human_duration(age),
+                    bound = %human_duration(bound),
+                    directory = self.directory_address.get().map(String::as_str).unwrap_or(""),
+                    "the node's copy of the directory's rules is past max_directory_staleness_seconds: \
+                     relaying stops until the directory is reachable again"
+                );
+            } else {
+                tracing::info!(bound = %human_duration(bound), "the node's copy of the directory's rules is current again: relaying resumes");
+            }
+        }
+        stale.then_some(age)
     }
 
     // ---- what the node reads ----
@@ -431,5 +612,116 @@ mod tests {
         assert!(p.authorize("quality", e, 0).is_ok());
         assert_eq!(revoked.len(), 1);
         assert_eq!(p.active_grants(0), 1);
+    }
+
+    const FEEDS: [Feed; 3] = [Feed::Catalog, Feed::Grants, Feed::Revocations];
+
+    fn open_at(dir: &std::path::Path, now: i64) -> Policy {
+        let db = sled::open(dir).unwrap();
+        Policy::open_at(&db, "commerce", RevocationSet::default(), now).unwrap()
+    }
+
+    fn connect_all(p: &Policy, now: i64) {
+        for f in FEEDS {
+            p.set_connected_at(f, true, now);
+        }
+    }
+
+    const S: i64 = 1000;
+
+    #[test]
+    fn a_new_node_counts_from_when_it_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let t0 = 1_700_000_000_000;
+        let p = open_at(dir.path(), t0);
+        assert_eq!(p.max_staleness(), Duration::from_secs(3600));
+        assert_eq!(p.directory_state_age(t0), Duration::ZERO);
+        assert!(p.check_fresh(t0 + S).is_ok(), "not refused in its first second");
+        // Two of three streams do not make it fresh.
+        p.set_connected_at(Feed::Catalog, true, t0 + 5 * S);
+        p.set_connected_at(Feed::Grants, true, t0 + 5 * S);
+        assert_eq!(p.directory_state_age(t0 + 10 * S), Duration::from_secs(10));
+        p.set_max_staleness(Duration::from_secs(9));
+        assert!(p.is_stale(t0 + 10 * S));
+        p.set_connected_at(Feed::Revocations, true, t0 + 11 * S);
+        assert!(!p.is_stale(t0 + 11 * S));
+    }
+
+    #[test]
+    fn fresh_while_connected_then_ages_from_the_drop() {
+        let dir = tempfile::tempdir().unwrap();
+        let t0 = 1_700_000_000_000;
+        let p = open_at(dir.path(), t0);
+        p.set_max_staleness(Duration::from_secs(60));
+        connect_all(&p, t0);
+        assert!(p.all_connected());
+        // Fresh however long it stays connected.
+        assert_eq!(p.directory_state_age(t0 + 3_600 * S), Duration::ZERO);
+        assert!(p.check_fresh(t0 + 3_600 * S).is_ok());
+
+        let drop_at = t0 + 100 * S;
+        p.set_connected_at(Feed::Grants, false, drop_at);
+        p.set_connected_at(Feed::Catalog, false, drop_at + 2 * S); // later drops do not move the start
+        assert_eq!(p.directory_state_age(drop_at + 30 * S), Duration::from_secs(30));
+        assert!(!p.is_stale(drop_at + 60 * S), "at the bound is still within it");
+        assert!(p.is_stale(drop_at + 60 * S + 1));
+        let err = p.check_fresh(drop_at + 2 * 3600 * S + 3 * 60 * S).unwrap_err();
+        let NodeError::Unavailable(msg) = &err else { panic!("{err:?}") };
+        assert!(msg.contains("2h03m old") && msg.contains("bound of 1m") && msg.contains("max_directory_staleness_seconds"), "{msg}");
+        assert!(msg.contains("the directory is reachable again"), "{msg}");
+        p.set_directory_address("dir.example:7400");
+        let err = p.check_fresh(drop_at + 61 * S).unwrap_err().to_string();
+        assert!(err.contains("1m01s old") && err.contains("the directory at dir.example:7400"), "{err}");
+        assert_eq!(tonic::Status::from(p.check_fresh(drop_at + 61 * S).unwrap_err()).code(), tonic::Code::Unavailable);
+
+        // Back: fresh at once; the next drop counts from then.
+        p.set_connected_at(Feed::Grants, true, drop_at + 500 * S);
+        assert!(p.is_stale(drop_at + 500 * S), "one stream still down");
+        p.set_connected_at(Feed::Catalog, true, drop_at + 500 * S);
+        assert!(p.check_fresh(drop_at + 500 * S).is_ok());
+        p.set_connected_at(Feed::Revocations, false, drop_at + 900 * S);
+        assert_eq!(p.directory_state_age(drop_at + 910 * S), Duration::from_secs(10));
+    }
+
+    #[test]
+    fn the_age_survives_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let t0 = 1_700_000_000_000;
+        {
+            let p = open_at(dir.path(), t0);
+            connect_all(&p, t0);
+            // Touches while connected write the time down every PERSIST_EVERY_MS at most.
+            p.touch(t0 + 5 * S);
+            p.touch(t0 + 12 * S);
+            p.touch(t0 + 15 * S);
+            // The process dies while connected (no drop recorded): the last write was at +12 s.
+        }
+        let p = open_at(dir.path(), t0 + 100 * S);
+        assert!(!p.all_connected());
+        assert_eq!(p.directory_state_age(t0 + 100 * S), Duration::from_secs(88));
+        drop(p);
+        {
+            let p = open_at(dir.path(), t0 + 200 * S);
+            connect_all(&p, t0 + 200 * S);
+            p.set_connected_at(Feed::Catalog, false, t0 + 300 * S); // a drop is written at once
+        }
+        let p = open_at(dir.path(), t0 + 10_000 * S);
+        assert_eq!(p.directory_state_age(t0 + 10_000 * S), Duration::from_secs(9_700));
+        assert!(p.is_stale(t0 + 10_000 * S), "older than the default hour");
+        // A clock that went back does not make a negative age.
+        assert_eq!(p.directory_state_age(t0), Duration::ZERO);
+    }
+
+    #[test]
+    fn durations_read_like_an_operator_writes_them() {
+        let d = |ms: u64| human_duration(Duration::from_millis(ms));
+        assert_eq!(d(7_380_000), "2h03m");
+        assert_eq!(d(3_600_000), "1h");
+        assert_eq!(d(320_000), "5m20s");
+        assert_eq!(d(60_000), "1m");
+        assert_eq!(d(45_000), "45s");
+        assert_eq!(d(3_400), "3.4s");
+        assert_eq!(d(3_000), "3s");
+        assert_eq!(d(40), "0s");
     }
 }

@@ -248,6 +248,8 @@ impl RelayService {
         if !violations.is_empty() {
             return Err(NodeError::InvalidArgument(violations));
         }
+        // Rules kept too long without the directory may no longer hold (relay.max_directory_staleness_seconds).
+        x.policy.check_fresh(now_unix_ms())?;
         let entry = x.own_entry(&body.resource_code, &self.directory).await?;
         let decision = x.policy.authorize(&id.department, entry, now_unix_ms())?;
         if let Err(wait) = x.quotas.check(&id.department, &body.resource_code) {
@@ -374,6 +376,8 @@ pub fn status_code_of(e: &NodeError) -> tonic::Code {
         NodeError::PermissionDenied(_) => Code::PermissionDenied,
         NodeError::NotFound(_) => Code::NotFound,
         NodeError::FailedPrecondition(_) => Code::FailedPrecondition,
+        NodeError::OutOfRange(_) => Code::OutOfRange,
+        NodeError::DataLoss(_) => Code::DataLoss,
         NodeError::ResourceExhausted { .. } => Code::ResourceExhausted,
         NodeError::Unavailable(_) | NodeError::DirectoryUnreachable { .. } => Code::Unavailable,
         NodeError::Peer(s) | NodeError::Directory(s) => s.code(),

@@ -20,7 +20,7 @@ use crate::audit::{self, AuditKeys, AuditLog};
 use crate::config::Config;
 use crate::consumer::{Consumer, ConsumerSettings};
 use crate::error::NodeError;
-use crate::events::Events;
+use crate::events::{EventSettings, Events};
 use crate::policy::Policy;
 use crate::quota::QuotaTable;
 use crate::records::sled::SledRecordStore;
@@ -125,8 +125,16 @@ pub async fn run_with_timing(
         &db,
     )?);
 
-    let events = Arc::new(Events {});
     let (stop_tx, stop_rx) = watch::channel(false);
+    let events = Events::new(
+        exchange.clone(),
+        consumer.clone(),
+        directory.clone(),
+        &db,
+        EventSettings { call_timeout: Duration::from_secs(config.relay.call_timeout_seconds), ..EventSettings::default() },
+        stop_rx.clone(),
+    )?;
+    events.start()?;
     let registration = Registrar {
         directory: directory.clone(),
         directory_address: config.directory_address.clone(),
@@ -169,7 +177,7 @@ pub async fn run_with_timing(
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let node_service =
-        ExchangeNodeServer::new(NodeService::new(directory, config.directory_address.clone(), state, exchange, consumer, events))
+        ExchangeNodeServer::new(NodeService::new(directory, config.directory_address.clone(), state, exchange, consumer, events.clone()))
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
     // Health and reflection pass the same per-call check: a revoked certificate cannot even probe them.
@@ -231,6 +239,7 @@ pub async fn run_with_timing(
     let _ = sync.await;
     let _ = reloader.await;
     let _ = sealer.await;
+    events.stopped().await;
     // The sealer stopped when draining began; calls that finished since appended entries: seal them too,
     // so every entry of this run is covered by a signature.
     if let Err(e) = audit_log.seal(audit::now_us()) {

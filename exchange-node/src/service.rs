@@ -145,6 +145,15 @@ impl ExchangeNode for NodeService {
         status.directory_watch_connected = x.policy.all_connected();
         status.audit_entries = x.audit.len();
         status.records_stored = x.records.count().unwrap_or(0);
+        let now = crate::state::now_unix_ms();
+        status.directory_state_age_seconds = x.policy.directory_state_age(now).as_secs();
+        status.directory_max_staleness_seconds = x.policy.max_staleness().as_secs();
+        status.directory_state_stale = x.policy.is_stale(now);
+        let (as_provider, as_consumer, outbox, inbox) = self.events.status_counts();
+        status.subscriptions_as_provider = as_provider;
+        status.subscriptions_as_consumer = as_consumer;
+        status.outbox_backlog = outbox;
+        status.inbox_backlog = inbox;
         Ok(Response::new(status))
     }
 

@@ -14,6 +14,10 @@ use prost::Message;
 
 use crate::error::NodeError;
 
+/// sled's page cache. Its default (1 GiB) would let a large backlog or a bulk sync grow the node's memory
+/// far past what a department server can spare; the store works from disk beyond this.
+pub const CACHE_BYTES: u64 = 64 * 1024 * 1024;
+
 /// Whether sled refused to open because another holder still has the file lock.
 pub fn is_lock_error(e: &sled::Error) -> bool {
     e.to_string().contains("could not acquire lock")
@@ -25,7 +29,7 @@ pub fn is_lock_error(e: &sled::Error) -> bool {
 pub fn open_db_waiting(path: &Path, wait: Duration) -> sled::Result<sled::Db> {
     let deadline = std::time::Instant::now() + wait;
     loop {
-        match sled::open(path) {
+        match sled::Config::new().path(path).cache_capacity(CACHE_BYTES).open() {
             Err(e) if is_lock_error(&e) && std::time::Instant::now() < deadline => {
                 std::thread::sleep(Duration::from_millis(50));
             }

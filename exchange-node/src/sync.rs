@@ -5,9 +5,15 @@
 //! reconnect or a restart neither misses nor needs to re-read anything. A broken stream is reopened with
 //! capped exponential backoff; meanwhile the node keeps deciding with what it has (the cached copy), and
 //! `NodeStatus` shows the watches as disconnected.
+//!
+//! Each stream reports to [`Policy::set_connected`] as it opens and drops (the copy is fresh while all three
+//! are open), and a ticker calls [`Policy::touch`] every [`TOUCH_INTERVAL`]: it writes down the time the
+//! copy was last fresh, and notices when a copy kept too long without the directory goes stale
+//! (`relay.max_directory_staleness_seconds`).
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use exchange_proto::v1::directory_client::DirectoryClient;
 use exchange_proto::v1::{WatchCatalogRequest, WatchGrantsRequest, WatchRevocationsRequest};
@@ -19,7 +25,10 @@ use tonic::{Status, Streaming};
 use crate::error::NodeError;
 use crate::policy::{Feed, Policy};
 use crate::registration::{Backoff, Timing};
-use crate::state::NodeState;
+use crate::state::{now_unix_ms, NodeState};
+
+/// How often the sync task calls [`Policy::touch`].
+pub const TOUCH_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Called with the resource code of another department's entry whenever it changes, so cached
 /// resolutions of it are dropped.
@@ -37,7 +46,22 @@ pub struct DirectorySync {
 impl DirectorySync {
     /// Starts the three followers; they end when `shutdown` turns true.
     pub fn spawn(self, shutdown: watch::Receiver<bool>) -> JoinHandle<()> {
+        self.policy.set_directory_address(&self.directory_address);
         let this = Arc::new(self);
+        let ticker = tokio::spawn({
+            let policy = this.policy.clone();
+            let mut shutdown = shutdown.clone();
+            async move {
+                let mut every = tokio::time::interval(TOUCH_INTERVAL);
+                every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        _ = shutdown.wait_for(|s| *s) => return,
+                        _ = every.tick() => policy.touch(now_unix_ms()),
+                    }
+                }
+            }
+        });
         let catalog = tokio::spawn({
             let this = this.clone();
             let shutdown = shutdown.clone();
@@ -92,7 +116,7 @@ impl DirectorySync {
             }
         });
         tokio::spawn(async move {
-            let _ = tokio::join!(catalog, grants, revocations);
+            let _ = tokio::join!(catalog, grants, revocations, ticker);
         })
     }
 

@@ -38,7 +38,7 @@ pub mod disclosure;
 pub mod sled;
 pub mod validate;
 
-use exchange_proto::v1::{CatalogEntry, Record, RecordKind};
+use exchange_proto::v1::{CatalogEntry, Record, RecordChangeKind, RecordEvent, RecordKind};
 
 pub use self::disclosure::{apply, disclosure, Disclosure};
 pub use self::sled::SledRecordStore;
@@ -72,20 +72,46 @@ pub enum RecordStoreError {
     InvalidResourceCode(String),
     #[error("a stored record of {resource_code} is unreadable: {reason}")]
     Corrupt { resource_code: String, reason: String },
+    #[error("events of {resource_code} after seq {after_seq} are no longer kept: the log starts at seq {first_kept}")]
+    Trimmed { resource_code: String, after_seq: u64, first_kept: u64 },
 }
 
-/// Where the node keeps the records of the resources its department publishes.
+/// Where the node keeps the records of the resources its department publishes, and the change log
+/// (outbox) of each resource: every write is a change event with a per-resource seq.
 pub trait RecordStore: Send + Sync + 'static {
-    /// Stores a validated batch (see [`validate_batch`]) atomically, replacing any stored record with the
-    /// same key as a whole, with `updated_at_unix_ms` set to now. Durable before it returns. Returns the
-    /// number of records written.
-    fn put_batch(&self, resource_code: &str, records: Vec<Record>) -> Result<u64, RecordStoreError>;
+    /// Applies validated changes (see [`validate_batch`]) atomically: each record replaces any stored
+    /// record with its key as a whole, stamped with `updated_at_unix_ms` = now and `version` = its event's
+    /// seq, and the batch's events are appended to the resource's change log in the same write. A kind
+    /// left unspecified becomes CREATED for a new key and UPDATED otherwise. Durable before it returns.
+    /// Returns the seqs of the first and last event (`(0, 0)` for an empty batch).
+    fn apply_changes(
+        &self,
+        resource_code: &str,
+        changes: Vec<(Record, RecordChangeKind)>,
+    ) -> Result<(u64, u64), RecordStoreError>;
+    /// [`RecordStore::apply_changes`] with every kind unspecified; returns the number of records written.
+    fn put_batch(&self, resource_code: &str, records: Vec<Record>) -> Result<u64, RecordStoreError> {
+        let n = records.len() as u64;
+        self.apply_changes(resource_code, records.into_iter().map(|r| (r, RecordChangeKind::Unspecified)).collect())?;
+        Ok(n)
+    }
     /// The stored records for `keys`, in the same order; `None` where there is none.
     fn get_many(&self, resource_code: &str, keys: &[String]) -> Result<Vec<Option<Record>>, RecordStoreError>;
+    /// Up to `limit` records of a resource in key order, starting after `after_key` ("" = the first).
+    fn scan(&self, resource_code: &str, after_key: &str, limit: usize) -> Result<Vec<Record>, RecordStoreError>;
     /// Records stored, all resources together.
     fn count(&self) -> Result<u64, RecordStoreError>;
     /// Records stored for one resource.
     fn count_resource(&self, resource_code: &str) -> Result<u64, RecordStoreError>;
+    /// The seq of the resource's latest change event (0: none yet).
+    fn head_seq(&self, resource_code: &str) -> Result<u64, RecordStoreError>;
+    /// Up to `max_events` consecutive events from `after_seq + 1` (fewer at the head). Fails with
+    /// [`RecordStoreError::Trimmed`] when `after_seq + 1` was already dropped from the log.
+    fn events_after(&self, resource_code: &str, after_seq: u64, max_events: usize)
+        -> Result<Vec<RecordEvent>, RecordStoreError>;
+    /// Drops the log's events up to `upto_seq` (whole log entries only: some may stay). Returns how many
+    /// log entries were dropped.
+    fn trim_events(&self, resource_code: &str, upto_seq: u64) -> Result<u64, RecordStoreError>;
 }
 
 #[cfg(test)]

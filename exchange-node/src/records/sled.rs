@@ -1,13 +1,23 @@
-//! [`RecordStore`] on the node's sled database, in its own tree `records`.
+//! [`RecordStore`] on the node's sled database, in its own tree `records`: the records and, beside them,
+//! each resource's change log, so a batch of records and its events are one atomic sled batch.
 //!
-//! Key: resource code bytes ‖ `0x00` ‖ record key bytes. A resource code never contains NUL (refused
-//! here, and the catalog's codes are `<digits>/<6 digits>`), so the prefix `code ‖ 0x00` selects exactly
-//! one resource's records: `101001/000001` never picks up the records of `101001/0000010`.
-//! Value: the prost-encoded [`Record`], the wire form, so the stored form evolves with the contract.
+//! - Record: resource code bytes ‖ `0x00` ‖ record key bytes → the prost-encoded [`Record`]. A resource
+//!   code never contains NUL (refused here, and the catalog's codes are `<digits>/<6 digits>`), so the
+//!   prefix `code ‖ 0x00` selects exactly one resource's records: `101001/000001` never picks up the
+//!   records of `101001/0000010`.
+//! - Change log entry: `0xFF ‖ 'e' ‖ code ‖ 0x00 ‖ first seq (8 bytes, big-endian)` → an [`EventDelivery`]
+//!   holding the events of one applied batch (consecutive seqs). One sled value per batch rather than per
+//!   event: the log costs one insert per batch, not one per record.
+//! - Head: `0xFF ‖ 'h' ‖ code` → the resource's latest seq (8 bytes, big-endian).
+//!
+//! `0xFF` never occurs in UTF-8, so no resource code starts with it: the log and heads sort after every
+//! record and never mix with them.
 
+use std::collections::HashSet;
+use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use exchange_proto::v1::Record;
+use exchange_proto::v1::{EventDelivery, Record, RecordChangeKind, RecordEvent};
 use prost::Message;
 
 use super::{RecordStore, RecordStoreError};
@@ -16,6 +26,8 @@ use super::{RecordStore, RecordStoreError};
 /// sled database.
 pub struct SledRecordStore {
     tree: sled::Tree,
+    /// Seqs are assigned by read-head-then-write: one writer at a time.
+    writer: Mutex<()>,
 }
 
 impl SledRecordStore {
@@ -24,7 +36,7 @@ impl SledRecordStore {
 
     /// Opens (or creates) the `records` tree of the node's database.
     pub fn open(db: &sled::Db) -> Result<Self, RecordStoreError> {
-        Ok(SledRecordStore { tree: db.open_tree(Self::TREE)? })
+        Ok(SledRecordStore { tree: db.open_tree(Self::TREE)?, writer: Mutex::new(()) })
     }
 }
 
@@ -45,28 +57,82 @@ fn storage_key(prefix: &[u8], record_key: &str) -> Vec<u8> {
     k
 }
 
+/// `0xFF 'e' code 0x00`: the prefix of a resource's change log.
+fn log_prefix(resource_code: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(resource_code.len() + 11);
+    k.extend_from_slice(&[0xFF, b'e']);
+    k.extend_from_slice(resource_code.as_bytes());
+    k.push(0);
+    k
+}
+
+fn log_key(log_prefix: &[u8], first_seq: u64) -> Vec<u8> {
+    let mut k = log_prefix.to_vec();
+    k.extend_from_slice(&first_seq.to_be_bytes());
+    k
+}
+
+fn seq_of_log_key(key: &[u8]) -> u64 {
+    let n = key.len();
+    u64::from_be_bytes(key[n - 8..].try_into().expect("8 bytes"))
+}
+
+fn head_key(resource_code: &str) -> Vec<u8> {
+    let mut k = vec![0xFF, b'h'];
+    k.extend_from_slice(resource_code.as_bytes());
+    k
+}
+
 fn now_unix_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 impl RecordStore for SledRecordStore {
-    fn put_batch(&self, resource_code: &str, records: Vec<Record>) -> Result<u64, RecordStoreError> {
+    fn apply_changes(
+        &self,
+        resource_code: &str,
+        changes: Vec<(Record, RecordChangeKind)>,
+    ) -> Result<(u64, u64), RecordStoreError> {
         let prefix = prefix(resource_code)?;
-        if records.is_empty() {
-            return Ok(0);
+        if changes.is_empty() {
+            return Ok((0, 0));
         }
+        let _writer = self.writer.lock().expect("record store writer");
+        let head = self.head_seq(resource_code)?;
         let now = now_unix_ms();
-        let written = records.len() as u64;
+        let first = head + 1;
         let mut batch = sled::Batch::default();
-        for mut record in records {
+        let mut events = Vec::with_capacity(changes.len());
+        // Keys earlier in this batch: a repeated key's later change is an update of the earlier one.
+        let mut seen: HashSet<Vec<u8>> = HashSet::new();
+        for (i, (mut record, kind)) in changes.into_iter().enumerate() {
+            let seq = first + i as u64;
+            let key = storage_key(&prefix, &record.key);
+            let kind = match kind {
+                RecordChangeKind::Unspecified => {
+                    if seen.contains(&key) || self.tree.contains_key(&key)? {
+                        RecordChangeKind::Updated
+                    } else {
+                        RecordChangeKind::Created
+                    }
+                }
+                k => k,
+            };
             record.updated_at_unix_ms = now;
-            batch.insert(storage_key(&prefix, &record.key), record.encode_to_vec());
+            record.version = seq;
+            batch.insert(key.clone(), record.encode_to_vec());
+            seen.insert(key);
+            events.push(RecordEvent { seq, kind: kind as i32, record: Some(record), published_at_unix_ms: now });
         }
-        // One atomic batch: after a crash either all of it is there or none of it.
+        let last = first + events.len() as u64 - 1;
+        let log = log_prefix(resource_code);
+        batch.insert(log_key(&log, first), EventDelivery { events, ended_reason: String::new() }.encode_to_vec());
+        batch.insert(head_key(resource_code), last.to_be_bytes().to_vec());
+        // One atomic batch: after a crash the records, their events and the head are all there or none.
         self.tree.apply_batch(batch)?;
         // Durable before the caller acknowledges it.
         self.tree.flush()?;
-        Ok(written)
+        Ok((first, last))
     }
 
     fn get_many(&self, resource_code: &str, keys: &[String]) -> Result<Vec<Option<Record>>, RecordStoreError> {
@@ -82,9 +148,35 @@ impl RecordStore for SledRecordStore {
             .collect()
     }
 
-    /// Walks the whole tree (sled keeps no count): fine for status pages, not for a hot path.
+    fn scan(&self, resource_code: &str, after_key: &str, limit: usize) -> Result<Vec<Record>, RecordStoreError> {
+        let prefix = prefix(resource_code)?;
+        let mut end = prefix.clone();
+        *end.last_mut().expect("prefix ends with NUL") = 1;
+        let start = storage_key(&prefix, after_key);
+        let range = if after_key.is_empty() {
+            self.tree.range(start..end)
+        } else {
+            self.tree.range((std::ops::Bound::Excluded(start), std::ops::Bound::Excluded(end)))
+        };
+        let mut out = Vec::with_capacity(limit.min(4096));
+        for item in range.take(limit) {
+            let (_, v) = item?;
+            out.push(Record::decode(v.as_ref()).map_err(|e| RecordStoreError::Corrupt {
+                resource_code: resource_code.to_string(),
+                reason: e.to_string(),
+            })?);
+        }
+        Ok(out)
+    }
+
+    /// Walks the records (sled keeps no count): fine for status pages, not for a hot path.
     fn count(&self) -> Result<u64, RecordStoreError> {
-        Ok(self.tree.len() as u64)
+        let mut n = 0u64;
+        for key in self.tree.range(..[0xFFu8].as_slice()).keys() {
+            key?;
+            n += 1;
+        }
+        Ok(n)
     }
 
     fn count_resource(&self, resource_code: &str) -> Result<u64, RecordStoreError> {
@@ -96,6 +188,157 @@ impl RecordStore for SledRecordStore {
         }
         Ok(n)
     }
+
+    fn head_seq(&self, resource_code: &str) -> Result<u64, RecordStoreError> {
+        prefix(resource_code)?;
+        Ok(match self.tree.get(head_key(resource_code))? {
+            Some(v) if v.len() == 8 => u64::from_be_bytes(v.as_ref().try_into().expect("8 bytes")),
+            Some(_) => {
+                return Err(RecordStoreError::Corrupt {
+                    resource_code: resource_code.to_string(),
+                    reason: "change log head".into(),
+                })
+            }
+            None => 0,
+        })
+    }
+
+    fn events_after(
+        &self,
+        resource_code: &str,
+        after_seq: u64,
+        max_events: usize,
+    ) -> Result<Vec<RecordEvent>, RecordStoreError> {
+        prefix(resource_code)?;
+        let head = self.head_seq(resource_code)?;
+        read_log(&self.tree, &log_prefix(resource_code), head, after_seq, max_events).map_err(|e| e.into_store_error(resource_code))
+    }
+
+    fn trim_events(&self, resource_code: &str, upto_seq: u64) -> Result<u64, RecordStoreError> {
+        prefix(resource_code)?;
+        let head = self.head_seq(resource_code)?;
+        Ok(trim_log(&self.tree, &log_prefix(resource_code), head, upto_seq)?)
+    }
+}
+
+/// Why [`read_log`] failed.
+#[derive(Debug)]
+pub enum LogError {
+    Store(sled::Error),
+    /// `after_seq + 1` is no longer in the log; it starts at `first_kept`.
+    Trimmed { after_seq: u64, first_kept: u64 },
+    Corrupt(String),
+}
+
+impl From<sled::Error> for LogError {
+    fn from(e: sled::Error) -> Self {
+        LogError::Store(e)
+    }
+}
+
+impl LogError {
+    pub fn into_store_error(self, resource_code: &str) -> RecordStoreError {
+        match self {
+            LogError::Store(e) => RecordStoreError::Store(e),
+            LogError::Trimmed { after_seq, first_kept } => {
+                RecordStoreError::Trimmed { resource_code: resource_code.to_string(), after_seq, first_kept }
+            }
+            LogError::Corrupt(reason) => RecordStoreError::Corrupt { resource_code: resource_code.to_string(), reason },
+        }
+    }
+}
+
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    *end.last_mut().expect("log prefix ends with NUL") = 1;
+    end
+}
+
+/// An event log in `tree` under `log_prefix`: keys `log_prefix ‖ first seq (8 bytes, big-endian)`, values
+/// [`EventDelivery`]s of consecutive events, `head` the latest seq. Up to `max_events` consecutive
+/// events from `after_seq + 1`. Shared by the provider's change log and the consumer's inbox.
+pub fn read_log(
+    tree: &sled::Tree,
+    log_prefix: &[u8],
+    head: u64,
+    after_seq: u64,
+    max_events: usize,
+) -> Result<Vec<RecordEvent>, LogError> {
+    if after_seq >= head || max_events == 0 {
+        return Ok(Vec::new());
+    }
+    let want = after_seq + 1;
+    // The entry holding `want` is the last one starting at or before it.
+    let start = match tree.range(log_key(log_prefix, 0)..=log_key(log_prefix, want)).next_back() {
+        Some(item) => item?.0.to_vec(),
+        None => log_key(log_prefix, want),
+    };
+    let mut out = Vec::new();
+    for item in tree.range(start..prefix_end(log_prefix)) {
+        let (k, v) = item?;
+        let first = seq_of_log_key(&k);
+        if out.is_empty() && first > want {
+            return Err(LogError::Trimmed { after_seq, first_kept: first });
+        }
+        let entry = EventDelivery::decode(v.as_ref()).map_err(|e| LogError::Corrupt(format!("event log entry: {e}")))?;
+        for event in entry.events {
+            if event.seq >= want {
+                if event.seq != want + out.len() as u64 {
+                    return Err(LogError::Corrupt(format!("event log gap before seq {}", event.seq)));
+                }
+                out.push(event);
+                if out.len() == max_events {
+                    return Ok(out);
+                }
+            }
+        }
+    }
+    if out.is_empty() {
+        // The head says there is more, but the log has nothing from `want` on: it was trimmed.
+        return Err(LogError::Trimmed { after_seq, first_kept: head + 1 });
+    }
+    Ok(out)
+}
+
+/// Drops the entries of the log whose events are all at or below `upto_seq`; returns how many.
+pub fn trim_log(tree: &sled::Tree, log_prefix: &[u8], head: u64, upto_seq: u64) -> Result<u64, sled::Error> {
+    let mut batch = sled::Batch::default();
+    let mut dropped = 0;
+    let mut previous: Option<sled::IVec> = None;
+    // An entry's last seq is the next entry's first seq - 1 (the head for the newest).
+    for key in tree.range(log_key(log_prefix, 0)..prefix_end(log_prefix)).keys() {
+        let key = key?;
+        let first = seq_of_log_key(&key);
+        if let Some(prev) = previous.take() {
+            if first - 1 <= upto_seq {
+                batch.remove(prev);
+                dropped += 1;
+            } else {
+                break;
+            }
+        }
+        if first > upto_seq {
+            break;
+        }
+        previous = Some(key);
+    }
+    if let Some(prev) = previous {
+        // The newest entry ends at the head.
+        if head <= upto_seq {
+            batch.remove(prev);
+            dropped += 1;
+        }
+    }
+    if dropped > 0 {
+        tree.apply_batch(batch)?;
+    }
+    Ok(dropped)
+}
+
+/// The key of a log entry starting at `first_seq`.
+pub fn log_entry_key(log_prefix: &[u8], first_seq: u64) -> Vec<u8> {
+    log_key(log_prefix, first_seq)
+
 }
 
 #[cfg(test)]

@@ -1,0 +1,162 @@
+//! The consumer side's durable state: this node's subscriptions to other departments' resources and
+//! their inboxes, in one sled tree `inbox` so a delivered batch and the subscription's position move in
+//! one atomic write.
+//!
+//! - Subscription: `'s' ‖ 0x00 ‖ resource code` → [`Subscription`] (`received_upto_seq`: every event up
+//!   to it is in the inbox; `acked_upto_seq`: the department's application has processed up to it).
+//! - Inbox entry: `'e' ‖ 0x00 ‖ resource code ‖ 0x00 ‖ first seq` → [`EventDelivery`] of consecutive
+//!   events, as the provider sent them (already cut to this department's data items).
+//!
+//! Duplicates are dropped by event identity: a subscription's events come from one provider with
+//! per-resource seqs, so "seq ≤ received_upto_seq" is exactly "already here" (a high-water mark in
+//! place of a set of message ids, and as exact, since the provider sends in seq order without gaps).
+
+use exchange_proto::v1::{EventDelivery, RecordEvent, Subscription};
+use prost::Message;
+
+use crate::error::NodeError;
+use crate::records::sled::{log_entry_key, read_log, trim_log, LogError};
+
+const TREE: &str = "inbox";
+
+pub struct Inbox {
+    tree: sled::Tree,
+}
+
+fn sub_key(resource_code: &str) -> Vec<u8> {
+    let mut k = b"s\0".to_vec();
+    k.extend_from_slice(resource_code.as_bytes());
+    k
+}
+
+fn log_prefix(resource_code: &str) -> Vec<u8> {
+    let mut k = b"e\0".to_vec();
+    k.extend_from_slice(resource_code.as_bytes());
+    k.push(0);
+    k
+}
+
+fn corrupt(e: impl std::fmt::Display) -> NodeError {
+    NodeError::Store(format!("inbox: unreadable record: {e}"))
+}
+
+/// What happened to a delivered batch.
+pub enum Appended {
+    /// New events stored; the new high-water mark.
+    Stored(u64),
+    /// Every event was already in the inbox (a re-delivery after a lost acknowledgement).
+    Duplicate(u64),
+}
+
+impl Inbox {
+    pub fn open(db: &sled::Db) -> Result<Self, NodeError> {
+        Ok(Inbox { tree: db.open_tree(TREE)? })
+    }
+
+    pub fn subscription(&self, resource_code: &str) -> Result<Option<Subscription>, NodeError> {
+        match self.tree.get(sub_key(resource_code))? {
+            Some(v) => Ok(Some(Subscription::decode(v.as_ref()).map_err(corrupt)?)),
+            None => Ok(None),
+        }
+    }
+
+    pub fn all(&self) -> Result<Vec<Subscription>, NodeError> {
+        let mut out = Vec::new();
+        for item in self.tree.scan_prefix(b"s\0") {
+            let (_, v) = item?;
+            out.push(Subscription::decode(v.as_ref()).map_err(corrupt)?);
+        }
+        Ok(out)
+    }
+
+    /// Stores a (new or re-made) subscription, dropping what an earlier subscription to the resource
+    /// left in the inbox: its seqs would not continue the new one's. Durable before it returns.
+    pub fn start(&self, sub: &Subscription) -> Result<(), NodeError> {
+        let mut batch = sled::Batch::default();
+        for key in self.tree.scan_prefix(log_prefix(&sub.resource_code)).keys() {
+            batch.remove(key?);
+        }
+        batch.insert(sub_key(&sub.resource_code), sub.encode_to_vec());
+        self.tree.apply_batch(batch)?;
+        self.tree.flush()?;
+        Ok(())
+    }
+
+    /// Saves the subscription's state (ended, errors). Durable before it returns.
+    pub fn save(&self, sub: &Subscription) -> Result<(), NodeError> {
+        self.tree.insert(sub_key(&sub.resource_code), sub.encode_to_vec())?;
+        self.tree.flush()?;
+        Ok(())
+    }
+
+    /// Appends delivered events: drops those already here, refuses a gap, and stores the rest with the
+    /// new high-water mark in one atomic write, durable before it returns (the provider is then told).
+    pub fn append(&self, resource_code: &str, mut events: Vec<RecordEvent>, now_unix_ms: i64) -> Result<Appended, NodeError> {
+        let Some(mut sub) = self.subscription(resource_code)? else {
+            return Err(NodeError::NotFound(format!("no subscription to {resource_code}")));
+        };
+        let hwm = sub.received_upto_seq;
+        events.retain(|e| e.seq > hwm);
+        let Some(first) = events.first().map(|e| e.seq) else {
+            return Ok(Appended::Duplicate(hwm));
+        };
+        if first != hwm + 1 {
+            return Err(NodeError::DataLoss(format!(
+                "the provider sent events of {resource_code} from seq {first}, but this node has them only up to {hwm}"
+            )));
+        }
+        for (i, e) in events.iter().enumerate() {
+            if e.seq != first + i as u64 {
+                return Err(NodeError::DataLoss(format!(
+                    "the provider sent events of {resource_code} out of order (seq {} at position {i})",
+                    e.seq
+                )));
+            }
+        }
+        let last = first + events.len() as u64 - 1;
+        sub.received_upto_seq = last;
+        sub.last_delivery_unix_ms = now_unix_ms;
+        let mut batch = sled::Batch::default();
+        batch.insert(
+            log_entry_key(&log_prefix(resource_code), first),
+            EventDelivery { events, ended_reason: String::new() }.encode_to_vec(),
+        );
+        batch.insert(sub_key(resource_code), sub.encode_to_vec());
+        self.tree.apply_batch(batch)?;
+        self.tree.flush()?;
+        Ok(Appended::Stored(last))
+    }
+
+    /// Up to `max` events after `after_seq`, as the inbox holds them.
+    pub fn read_after(&self, sub: &Subscription, after_seq: u64, max: usize) -> Result<Vec<RecordEvent>, NodeError> {
+        let code = &sub.resource_code;
+        read_log(&self.tree, &log_prefix(code), sub.received_upto_seq, after_seq, max).map_err(|e| match e {
+            LogError::Store(e) => NodeError::from(e),
+            LogError::Trimmed { after_seq, first_kept } => NodeError::OutOfRange(format!(
+                "events of {code} after seq {after_seq} were acknowledged and dropped from this node's inbox; \
+                 it holds them from seq {first_kept}; resume from the last acknowledged seq (after_seq 0)"
+            )),
+            LogError::Corrupt(why) => corrupt(why),
+        })
+    }
+
+    /// The application has processed every event up to `upto_seq`: keep that and drop them.
+    pub fn ack(&self, resource_code: &str, upto_seq: u64) -> Result<u64, NodeError> {
+        let Some(mut sub) = self.subscription(resource_code)? else {
+            return Err(NodeError::NotFound(format!("this node has no subscription to {resource_code}")));
+        };
+        if upto_seq > sub.received_upto_seq {
+            return Err(NodeError::invalid(
+                "upto_seq",
+                format!("{upto_seq} is beyond the last event received ({})", sub.received_upto_seq),
+            ));
+        }
+        if upto_seq > sub.acked_upto_seq {
+            sub.acked_upto_seq = upto_seq;
+            self.tree.insert(sub_key(resource_code), sub.encode_to_vec())?;
+            trim_log(&self.tree, &log_prefix(resource_code), sub.received_upto_seq, upto_seq)?;
+            self.tree.flush()?;
+        }
+        Ok(sub.acked_upto_seq)
+    }
+}
