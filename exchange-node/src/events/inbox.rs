@@ -160,3 +160,83 @@ impl Inbox {
         Ok(sub.acked_upto_seq)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use exchange_proto::v1::Record;
+
+    use super::*;
+
+    fn events(from: u64, to: u64) -> Vec<RecordEvent> {
+        (from..=to)
+            .map(|seq| RecordEvent {
+                seq,
+                kind: 1,
+                record: Some(Record { key: format!("K{seq}"), version: seq, ..Default::default() }),
+                published_at_unix_ms: 0,
+            })
+            .collect()
+    }
+
+    fn sub(code: &str, start: u64) -> Subscription {
+        Subscription {
+            resource_code: code.into(),
+            provider_code: "commerce".into(),
+            received_upto_seq: start,
+            acked_upto_seq: start,
+            start_seq: start,
+            active: true,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn duplicates_are_dropped_gaps_refused_and_acks_trim() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        let inbox = Inbox::open(&db).unwrap();
+        let code = "101001/000001";
+        inbox.start(&sub(code, 10)).unwrap();
+        assert!(matches!(inbox.append(code, events(11, 20), 1).unwrap(), Appended::Stored(20)));
+        // A re-delivery overlapping what is here: only the new part is kept.
+        assert!(matches!(inbox.append(code, events(15, 25), 2).unwrap(), Appended::Stored(25)));
+        assert!(matches!(inbox.append(code, events(11, 25), 3).unwrap(), Appended::Duplicate(25)));
+        // A gap is refused and nothing is stored.
+        assert!(matches!(inbox.append(code, events(27, 30), 4), Err(NodeError::DataLoss(_))));
+        let s = inbox.subscription(code).unwrap().unwrap();
+        assert_eq!(s.received_upto_seq, 25);
+        let all = inbox.read_after(&s, 10, 100).unwrap();
+        assert_eq!(all.iter().map(|e| e.seq).collect::<Vec<_>>(), (11..=25).collect::<Vec<_>>());
+        assert_eq!(inbox.read_after(&s, 18, 3).unwrap().iter().map(|e| e.seq).collect::<Vec<_>>(), vec![19, 20, 21]);
+
+        // Acknowledging beyond what arrived is refused; acknowledging drops whole entries.
+        assert!(matches!(inbox.ack(code, 26), Err(NodeError::InvalidArgument(_))));
+        assert_eq!(inbox.ack(code, 20).unwrap(), 20);
+        let s = inbox.subscription(code).unwrap().unwrap();
+        assert!(matches!(inbox.read_after(&s, 10, 100), Err(NodeError::OutOfRange(_))));
+        assert_eq!(inbox.read_after(&s, 20, 100).unwrap().len(), 5);
+        assert_eq!(inbox.ack(code, 18).unwrap(), 20, "an older ack does not move back");
+    }
+
+    #[test]
+    fn a_new_subscription_clears_what_an_old_one_left_and_state_survives_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let code = "101001/000001";
+        {
+            let db = sled::open(dir.path()).unwrap();
+            let inbox = Inbox::open(&db).unwrap();
+            inbox.start(&sub(code, 0)).unwrap();
+            inbox.append(code, events(1, 5), 1).unwrap();
+        }
+        let db = sled::open(dir.path()).unwrap();
+        let inbox = Inbox::open(&db).unwrap();
+        let s = inbox.subscription(code).unwrap().unwrap();
+        assert_eq!(s.received_upto_seq, 5);
+        assert_eq!(inbox.read_after(&s, 0, 10).unwrap().len(), 5);
+        inbox.start(&sub(code, 100)).unwrap();
+        let s = inbox.subscription(code).unwrap().unwrap();
+        assert!(inbox.read_after(&s, 100, 10).unwrap().is_empty());
+        assert!(matches!(inbox.append(code, events(101, 101), 2).unwrap(), Appended::Stored(101)));
+        assert_eq!(inbox.all().unwrap().len(), 1);
+    }
+}

@@ -233,24 +233,14 @@ impl Events {
     /// Drops the change log's events every active subscriber has acknowledged (all of it when there is
     /// no subscriber: a new subscription starts at the head, and a snapshot reads the records).
     pub(crate) async fn trim_outbox(&self, resource_code: &str) {
-        let store = self.x.records.clone();
-        let code = resource_code.to_string();
-        let low = match self.outbox.low_water(resource_code) {
-            Ok(low) => low,
-            Err(e) => {
-                tracing::warn!(error = %e, "outbox: could not read the subscriptions");
-                return;
-            }
-        };
-        let result = blocking(move || {
-            let upto = match low {
-                Some(low) => low,
-                None => store.head_seq(&code).map_err(|e| NodeError::Store(e.to_string()))?,
-            };
-            store.trim_events(&code, upto).map_err(|e| NodeError::Store(e.to_string()))
-        })
-        .await;
-        if let Err(e) = result {
+        // The head before the subscriptions: a subscription made after this read starts at or after it,
+        // so trimming up to it never drops an event a subscriber still needs.
+        let trimmed = (|| -> Result<u64, NodeError> {
+            let head = self.x.records.head_seq(resource_code).map_err(|e| NodeError::Store(e.to_string()))?;
+            let upto = self.outbox.low_water(resource_code)?.map_or(head, |low| low.min(head));
+            self.x.records.trim_events(resource_code, upto).map_err(|e| NodeError::Store(e.to_string()))
+        })();
+        if let Err(e) = trimmed {
             tracing::warn!(resource = %resource_code, error = %e, "outbox: could not trim the change log");
         }
     }

@@ -440,4 +440,85 @@ mod tests {
         assert_eq!(store.put_batch("101001/000001", vec![]).unwrap(), 0);
         assert_eq!(store.count().unwrap(), 0);
     }
+
+    #[test]
+    fn every_write_is_a_change_event_with_its_seq_as_the_records_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        let store = SledRecordStore::open(&db).unwrap();
+        let code = "101001/000001";
+        assert_eq!(store.head_seq(code).unwrap(), 0);
+        assert_eq!(store.put_batch(code, vec![record("A", "a"), record("B", "b"), record("A", "a2")]).unwrap(), 3);
+        let (first, last) = store
+            .apply_changes(code, vec![(record("B", "b-gone"), RecordChangeKind::Deregistered), (record("C", "c"), RecordChangeKind::Unspecified)])
+            .unwrap();
+        assert_eq!((first, last), (4, 5));
+        assert_eq!(store.head_seq(code).unwrap(), 5);
+        let events = store.events_after(code, 0, 100).unwrap();
+        let kinds: Vec<(u64, RecordChangeKind)> = events.iter().map(|e| (e.seq, e.kind())).collect();
+        assert_eq!(
+            kinds,
+            vec![
+                (1, RecordChangeKind::Created),
+                (2, RecordChangeKind::Created),
+                (3, RecordChangeKind::Updated),
+                (4, RecordChangeKind::Deregistered),
+                (5, RecordChangeKind::Created),
+            ]
+        );
+        // Across log entries, from the middle of one, limited.
+        let some = store.events_after(code, 2, 2).unwrap();
+        assert_eq!(some.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![3, 4]);
+        assert!(store.events_after(code, 5, 10).unwrap().is_empty());
+        // The stored record carries the version of its last change.
+        let got = store.get_many(code, &["A".to_string(), "B".to_string()]).unwrap();
+        assert_eq!(got[0].as_ref().unwrap().version, 3);
+        assert_eq!(got[1].as_ref().unwrap().version, 4);
+        // The log is not counted as records, and scanning sees records only, in key order.
+        assert_eq!(store.count().unwrap(), 3);
+        let scanned = store.scan(code, "", 10).unwrap();
+        assert_eq!(scanned.iter().map(|r| r.key.as_str()).collect::<Vec<_>>(), vec!["A", "B", "C"]);
+        let after_a = store.scan(code, "A", 1).unwrap();
+        assert_eq!(after_a.iter().map(|r| r.key.as_str()).collect::<Vec<_>>(), vec!["B"]);
+        assert!(store.scan(code, "C", 10).unwrap().is_empty());
+        assert!(store.scan("101001/0000010", "", 10).unwrap().is_empty());
+    }
+
+    #[test]
+    fn trimming_drops_whole_entries_up_to_the_seq_and_later_reads_say_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        let store = SledRecordStore::open(&db).unwrap();
+        let code = "101001/000001";
+        store.put_batch(code, vec![record("A", "1"), record("B", "2")]).unwrap(); // 1-2
+        store.put_batch(code, vec![record("C", "3"), record("D", "4")]).unwrap(); // 3-4
+        store.put_batch(code, vec![record("E", "5")]).unwrap(); // 5
+        // Up to 3: only the first entry (1-2) is wholly acknowledged.
+        assert_eq!(store.trim_events(code, 3).unwrap(), 1);
+        assert_eq!(store.events_after(code, 2, 10).unwrap().len(), 3);
+        assert!(matches!(store.events_after(code, 0, 10), Err(RecordStoreError::Trimmed { first_kept: 3, .. })));
+        assert_eq!(store.trim_events(code, 5).unwrap(), 2);
+        assert!(store.events_after(code, 5, 10).unwrap().is_empty());
+        assert!(matches!(store.events_after(code, 4, 10), Err(RecordStoreError::Trimmed { .. })));
+        // Records stay; new events go on from the head.
+        assert_eq!(store.count().unwrap(), 5);
+        assert_eq!(store.put_batch(code, vec![record("F", "6")]).unwrap(), 1);
+        assert_eq!(store.events_after(code, 5, 10).unwrap()[0].seq, 6);
+    }
+
+    #[test]
+    fn the_log_and_head_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let code = "101001/000001";
+        {
+            let db = sled::open(dir.path()).unwrap();
+            let store = SledRecordStore::open(&db).unwrap();
+            store.put_batch(code, vec![record("A", "1"), record("B", "2")]).unwrap();
+        }
+        let db = sled::open(dir.path()).unwrap();
+        let store = SledRecordStore::open(&db).unwrap();
+        assert_eq!(store.head_seq(code).unwrap(), 2);
+        assert_eq!(store.events_after(code, 0, 10).unwrap().len(), 2);
+        assert_eq!(store.apply_changes(code, vec![(record("A", "3"), RecordChangeKind::Unspecified)]).unwrap(), (3, 3));
+    }
 }
