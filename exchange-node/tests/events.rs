@@ -8,6 +8,9 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use client_sdk::identity::Role;
+use client_sdk::tls;
+use exchange_proto::v1::relay_client::RelayClient;
+use tonic_types::StatusExt;
 use client_sdk::ids::{validate_uscc, IdError};
 use exchange_proto::v1::directory_client::DirectoryClient;
 use exchange_proto::v1::exchange_node_client::ExchangeNodeClient;
@@ -279,4 +282,109 @@ async fn subscriptions_deliver_exactly_once_with_granted_items_and_end_on_revoca
     assert!(records.windows(2).all(|w| w[0].key < w[1].key));
     let r8 = records.iter().find(|r| r.key == uscc(8)).unwrap();
     assert_eq!((r8.version, r8.items["登记状态"].as_str()), (2503, "注销"));
+
+    // ---- withdrawing the resource ends its subscriptions ----
+    commerce
+        .withdraw_catalog(WithdrawEntriesRequest { resource_codes: vec![ENTERPRISE_REGISTRATION.into()] })
+        .await
+        .unwrap();
+    let ended = wait_for("tax's subscription to end with the withdrawal", Duration::from_secs(10), || {
+        let mut t = tax.clone();
+        async move {
+            let l = t.list_subscriptions(ListSubscriptionsRequest {}).await.unwrap().into_inner();
+            let s = l.as_consumer.iter().find(|s| s.resource_code == ENTERPRISE_REGISTRATION).unwrap().clone();
+            (!s.active).then_some(s)
+        }
+    })
+    .await;
+    assert!(ended.ended_reason.contains("withdrawn"), "{}", ended.ended_reason);
+}
+
+fn fields(status: &tonic::Status) -> Vec<String> {
+    status.get_details_bad_request().map(|b| b.field_violations.into_iter().map(|v| v.field).collect()).unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_input_and_wrong_callers_are_refused_and_nothing_is_stored() {
+    let f = Federation::start().await;
+    let mut commerce = f.app("commerce");
+    let mut tax = f.app("tax");
+
+    // A batch with one bad record and one unknown kind: refused whole, each problem named.
+    let mut bad = enterprise(2, "存续");
+    bad.items.insert("成立日期".into(), "2019-02-30".into());
+    let err = commerce
+        .publish_events(PublishEventsRequest {
+            resource_code: ENTERPRISE_REGISTRATION.into(),
+            changes: vec![
+                RecordChange { record: Some(enterprise(1, "存续")), kind: RecordChangeKind::Created as i32 },
+                RecordChange { record: Some(bad), kind: 9 },
+            ],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    let bad_fields = fields(&err);
+    assert!(bad_fields.contains(&"changes[1].record.items[成立日期]".to_string()), "{bad_fields:?}");
+    assert!(bad_fields.contains(&"changes[1].kind".to_string()), "{bad_fields:?}");
+    let status = f.nodes["commerce"].client(&f.pki.identity("commerce", Role::Operator)).node_status(NodeStatusRequest {}).await.unwrap().into_inner();
+    assert_eq!(status.records_stored, 0, "nothing stored");
+
+    // Tax cannot publish commerce's resource; an unknown resource cannot be subscribed to.
+    let err = tax
+        .publish_events(PublishEventsRequest {
+            resource_code: ENTERPRISE_REGISTRATION.into(),
+            changes: vec![RecordChange { record: Some(enterprise(1, "存续")), kind: 0 }],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    let err = tax.subscribe(SubscribeRequest { resource_code: "101001/999999".into() }).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    let err = tax.subscribe(SubscribeRequest { resource_code: String::new() }).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    // Receiving or acknowledging without a subscription.
+    let err = tax
+        .receive_events(ReceiveEventsRequest { resource_code: ENTERPRISE_REGISTRATION.into(), after_seq: 0, max_batch: 0 })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    // Commerce cannot subscribe to its own resource.
+    let err = commerce.subscribe(SubscribeRequest { resource_code: ENTERPRISE_REGISTRATION.into() }).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+
+    tax.subscribe(SubscribeRequest { resource_code: ENTERPRISE_REGISTRATION.into() }).await.unwrap();
+    let err = tax.ack_events(AckEventsRequest { resource_code: ENTERPRISE_REGISTRATION.into(), upto_seq: 99 }).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+
+    // Another department's application cannot use tax's node.
+    let err = f.nodes["tax"]
+        .client(&f.pki.identity("quality", Role::App))
+        .receive_events(ReceiveEventsRequest { resource_code: ENTERPRISE_REGISTRATION.into(), after_seq: 0, max_batch: 0 })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+
+    // An application certificate calling the node-to-node calls directly.
+    let channel = tls::connect_lazy(
+        &f.nodes["commerce"].addr,
+        tls::client_config(&f.pki.identity("tax", Role::App), &[Role::Node]).unwrap(),
+    )
+    .unwrap();
+    let mut relay = RelayClient::new(channel);
+    let err = relay.subscribe(RelaySubscribeRequest { resource_code: ENTERPRISE_REGISTRATION.into() }).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    let err = relay
+        .fetch_snapshot(FetchSnapshotRequest { resource_code: ENTERPRISE_REGISTRATION.into(), message_id: "m2".into(), ..Default::default() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    let opened = relay
+        .stream_events(tokio_stream::iter(vec![EventAck { resource_code: ENTERPRISE_REGISTRATION.into(), received_upto_seq: 0 }]))
+        .await;
+    let err = match opened {
+        Err(e) => e,
+        Ok(mut s) => s.get_mut().message().await.unwrap_err(),
+    };
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
 }
