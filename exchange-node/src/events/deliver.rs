@@ -29,6 +29,8 @@ use crate::state::now_unix_ms;
 
 /// How often an idle stream re-checks the consumer's grant (a revocation ends it within this).
 const RECHECK: Duration = Duration::from_millis(500);
+/// Events read from the change log at once (a log entry holds up to one `PutRecords` batch, 5,000).
+const READ_EVENTS: usize = 5000;
 
 fn require_node(id: &PeerIdentity, call: &str) -> Result<(), NodeError> {
     if id.role != Role::Node {
@@ -303,29 +305,41 @@ impl Events {
             if sent < head && in_flight < self.settings.window_events as u64 {
                 let store = self.x.records.clone();
                 let c = code.to_string();
-                let n = self.settings.batch_events.min(self.settings.window_events - in_flight as usize);
+                // One read of up to a log entry's worth (a decoded entry is used whole), sent as
+                // messages of `batch_events`.
+                let n = READ_EVENTS.min(self.settings.window_events - in_flight as usize);
                 let events = blocking(move || store.events_after(&c, sent, n).map_err(store_err)).await?;
                 let Some(last) = events.last().map(|e| e.seq) else { continue };
                 let first = sent + 1;
                 let d = disclosure::disclosure(&decision.entry, decision.granted_items.as_deref());
-                let events: Vec<_> = events
-                    .into_iter()
-                    .map(|mut e| {
-                        e.record = e.record.map(|r| disclosure::apply(&d, &decision.entry, r));
-                        e
-                    })
-                    .collect();
-                let delivery = EventDelivery { events, ended_reason: String::new() };
+                let mut deliveries = Vec::with_capacity(events.len() / self.settings.batch_events + 1);
+                let mut bytes = 0;
+                let mut events = events.into_iter().peekable();
+                while events.peek().is_some() {
+                    let chunk: Vec<_> = events
+                        .by_ref()
+                        .take(self.settings.batch_events)
+                        .map(|mut e| {
+                            e.record = e.record.map(|r| disclosure::apply(&d, &decision.entry, r));
+                            e
+                        })
+                        .collect();
+                    let delivery = EventDelivery { events: chunk, ended_reason: String::new() };
+                    bytes += delivery.encoded_len();
+                    deliveries.push(delivery);
+                }
                 // Recorded before it leaves: nothing leaves the node unaudited.
                 let mut audit = self.audit_record(node, code, format!("events {first}-{last}"));
                 audit.data_items = d.data_items.clone();
                 audit.request_out_us = now_us();
-                audit.response_bytes = delivery.encoded_len() as u64;
+                audit.response_bytes = bytes as u64;
                 audit.response_out_us = now_us();
                 let log = self.x.audit.clone();
                 blocking(move || log.append(audit).map(|_| ()).map_err(|e| NodeError::Audit(e.to_string()))).await?;
-                if tx.send(Ok(delivery)).await.is_err() {
-                    return Ok(());
+                for delivery in deliveries {
+                    if tx.send(Ok(delivery)).await.is_err() {
+                        return Ok(());
+                    }
                 }
                 sent = last;
                 self.outbox.update_live(consumer, code, |l| l.last_delivery_unix_ms = now_unix_ms());

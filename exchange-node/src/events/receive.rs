@@ -31,7 +31,9 @@ use crate::error::NodeError;
 use crate::state::now_unix_ms;
 
 /// Most events stored in one inbox write when deliveries queue up.
-const COALESCE_EVENTS: usize = 20_000;
+const COALESCE_EVENTS: usize = 5_000;
+/// Events read from the inbox at once, then sent to the application `max_batch` at a time.
+const READ_EVENTS: usize = 5_000;
 
 /// How a delivery stream ended.
 enum StreamEnd {
@@ -352,7 +354,7 @@ impl Events {
         // Check the start now, so a position already dropped is an error of the call, not of the stream.
         let this = self.clone();
         let (s, a) = (sub.clone(), after);
-        let mut pending = Some(blocking(move || this.inbox.read_after(&s, a, max)).await?);
+        let mut pending = Some(blocking(move || this.inbox.read_after(&s, a, READ_EVENTS.max(max))).await?);
         let mut wake = self.received_watch(&code, sub.received_upto_seq);
         let (tx, rx) = mpsc::channel(4);
         let this = self.clone();
@@ -366,7 +368,7 @@ impl Events {
                         let t = this.clone();
                         let c = code.clone();
                         blocking(move || match t.inbox.subscription(&c)? {
-                            Some(s) => t.inbox.read_after(&s, after, max),
+                            Some(s) => t.inbox.read_after(&s, after, READ_EVENTS.max(max)),
                             None => Ok(Vec::new()),
                         })
                         .await
@@ -381,8 +383,12 @@ impl Events {
                 };
                 if let Some(last) = events.last().map(|e| e.seq) {
                     after = last;
-                    if tx.send(Ok(ReceivedEvents { resource_code: code.clone(), events, ended_reason: String::new() })).await.is_err() {
-                        return;
+                    let mut events = events.into_iter().peekable();
+                    while events.peek().is_some() {
+                        let chunk: Vec<_> = events.by_ref().take(max).collect();
+                        if tx.send(Ok(ReceivedEvents { resource_code: code.clone(), events: chunk, ended_reason: String::new() })).await.is_err() {
+                            return;
+                        }
                     }
                     continue;
                 }
