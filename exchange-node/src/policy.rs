@@ -130,8 +130,12 @@ pub fn human_duration(d: Duration) -> String {
         } else {
             format!("{m}m{s:02}s")
         }
-    } else if d.subsec_millis() >= 100 && secs < 10 {
-        format!("{s}.{}s", d.subsec_millis() / 100)
+    } else if secs < 10 && d.subsec_millis() > 0 {
+        // Tenths, rounded up: an age just past a bound of 3 s reads 3.1s, not 3s.
+        match (d.as_millis() as u64).div_ceil(100) {
+            t if t % 10 == 0 => format!("{}s", t / 10),
+            t => format!("{}.{}s", t / 10, t % 10),
+        }
     } else {
         format!("{s}s")
     }
@@ -722,6 +726,9 @@ mod tests {
         assert_eq!(d(45_000), "45s");
         assert_eq!(d(3_400), "3.4s");
         assert_eq!(d(3_000), "3s");
-        assert_eq!(d(40), "0s");
+        assert_eq!(d(3_001), "3.1s");
+        assert_eq!(d(9_990), "10s");
+        assert_eq!(d(40), "0.1s");
+        assert_eq!(d(0), "0s");
     }
 }

@@ -170,9 +170,10 @@ impl ExchangeNode for NodeService {
             .collect();
         let resp = self
             .events
-            .publish(&id, PublishEventsRequest { resource_code: body.resource_code, changes }, "PutRecords")
+            .publish(&id, PublishEventsRequest { resource_code: body.resource_code, changes, batch_id: body.batch_id }, "PutRecords")
             .await?;
-        Ok(Response::new(PutRecordsResponse { stored, first_seq: resp.first_seq, last_seq: resp.last_seq }))
+        let stored = if resp.duplicate { 0 } else { stored };
+        Ok(Response::new(PutRecordsResponse { stored, first_seq: resp.first_seq, last_seq: resp.last_seq, duplicate: resp.duplicate }))
     }
 
     async fn publish_events(

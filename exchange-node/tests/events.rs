@@ -138,7 +138,7 @@ async fn subscriptions_deliver_exactly_once_with_granted_items_and_end_on_revoca
 
     // Records before the subscription are not events for it.
     commerce
-        .put_records(PutRecordsRequest { resource_code: ENTERPRISE_REGISTRATION.into(), records: vec![enterprise(0, "存续")] })
+        .put_records(PutRecordsRequest { resource_code: ENTERPRISE_REGISTRATION.into(), records: vec![enterprise(0, "存续")], ..Default::default() })
         .await
         .unwrap();
     let sub = tax.subscribe(SubscribeRequest { resource_code: ENTERPRISE_REGISTRATION.into() }).await.unwrap().into_inner();
@@ -154,21 +154,24 @@ async fn subscriptions_deliver_exactly_once_with_granted_items_and_end_on_revoca
     let first: Vec<Record> = (1..=2500).map(|n| enterprise(n, "存续")).collect();
     for chunk in first.chunks(1000) {
         commerce
-            .put_records(PutRecordsRequest { resource_code: ENTERPRISE_REGISTRATION.into(), records: chunk.to_vec() })
+            .put_records(PutRecordsRequest { resource_code: ENTERPRISE_REGISTRATION.into(), records: chunk.to_vec(), ..Default::default() })
             .await
             .unwrap();
     }
-    let published = commerce
-        .publish_events(PublishEventsRequest {
-            resource_code: ENTERPRISE_REGISTRATION.into(),
-            changes: vec![
-                RecordChange { record: Some(enterprise(7, "存续")), kind: RecordChangeKind::Unspecified as i32 },
-                RecordChange { record: Some(enterprise(8, "注销")), kind: RecordChangeKind::Deregistered as i32 },
-            ],
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let deregistration = PublishEventsRequest {
+        resource_code: ENTERPRISE_REGISTRATION.into(),
+        changes: vec![
+            RecordChange { record: Some(enterprise(7, "存续")), kind: RecordChangeKind::Unspecified as i32 },
+            RecordChange { record: Some(enterprise(8, "注销")), kind: RecordChangeKind::Deregistered as i32 },
+        ],
+        batch_id: "registry-job-2026-11-22-001".into(),
+    };
+    let published = commerce.publish_events(deregistration.clone()).await.unwrap().into_inner();
+    assert!(!published.duplicate);
+    // The same batch again (as after a lost answer): not applied twice.
+    let again = commerce.publish_events(deregistration).await.unwrap().into_inner();
+    assert!(again.duplicate);
+    assert_eq!((again.first_seq, again.last_seq), (published.first_seq, published.last_seq));
     assert_eq!((published.first_seq, published.last_seq), (2502, 2503));
 
     let events = receive(&mut tax, ENTERPRISE_REGISTRATION, 0, 2502).await;
@@ -222,7 +225,7 @@ async fn subscriptions_deliver_exactly_once_with_granted_items_and_end_on_revoca
     .into_inner();
     assert!(!sub.data_items.contains(&"罚没金额".to_string()), "{:?}", sub.data_items);
     commerce
-        .put_records(PutRecordsRequest { resource_code: PENALTIES.into(), records: (1..=10).map(penalty).collect() })
+        .put_records(PutRecordsRequest { resource_code: PENALTIES.into(), records: (1..=10).map(penalty).collect(), ..Default::default() })
         .await
         .unwrap();
     let events = receive(&mut quality, PENALTIES, 0, 10).await;
@@ -247,7 +250,7 @@ async fn subscriptions_deliver_exactly_once_with_granted_items_and_end_on_revoca
     .await;
     // Nothing published after the revocation reaches quality; its stream ends with the reason.
     commerce
-        .put_records(PutRecordsRequest { resource_code: PENALTIES.into(), records: vec![penalty(11)] })
+        .put_records(PutRecordsRequest { resource_code: PENALTIES.into(), records: vec![penalty(11)], ..Default::default() })
         .await
         .unwrap();
     let mut stream = quality
@@ -320,6 +323,7 @@ async fn bad_input_and_wrong_callers_are_refused_and_nothing_is_stored() {
                 RecordChange { record: Some(enterprise(1, "存续")), kind: RecordChangeKind::Created as i32 },
                 RecordChange { record: Some(bad), kind: 9 },
             ],
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -335,6 +339,7 @@ async fn bad_input_and_wrong_callers_are_refused_and_nothing_is_stored() {
         .publish_events(PublishEventsRequest {
             resource_code: ENTERPRISE_REGISTRATION.into(),
             changes: vec![RecordChange { record: Some(enterprise(1, "存续")), kind: 0 }],
+            ..Default::default()
         })
         .await
         .unwrap_err();

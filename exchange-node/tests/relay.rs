@@ -147,6 +147,7 @@ async fn commerce_records(f: &Federation, company: &str) {
         .put_records(PutRecordsRequest {
             resource_code: PENALTIES.into(),
             records: vec![record(company, &[("当事人名称", "配额测试公司"), ("处罚种类", "警告")])],
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -187,6 +188,7 @@ async fn records_relay_with_grants_masking_and_audit() {
             record("91310115MA1H8R7C6D", &[("企业名称", "校验位错误的公司")]),
             record(&other_company, &[("注册资本", "一千万"), ("成立日期", "2019-02-30"), ("不存在的信息项", "x")]),
         ],
+        ..Default::default()
     };
     let err = commerce_app.put_records(bad_batch).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
@@ -202,6 +204,7 @@ async fn records_relay_with_grants_masking_and_audit() {
         .put_records(PutRecordsRequest {
             resource_code: ENTERPRISE_REGISTRATION.into(),
             records: vec![good.clone(), record(&other_company, &[("企业名称", "北京另一家公司"), ("登记状态", "吊销")])],
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -215,13 +218,14 @@ async fn records_relay_with_grants_masking_and_audit() {
                 &company,
                 &[("当事人名称", "福州市闽江数据科技有限公司"), ("处罚种类", "罚款"), ("罚没金额", "20000")],
             )],
+            ..Default::default()
         })
         .await
         .unwrap();
     // Tax cannot load records of commerce's resource.
     let err = f
         .app("tax")
-        .put_records(PutRecordsRequest { resource_code: ENTERPRISE_REGISTRATION.into(), records: vec![good.clone()] })
+        .put_records(PutRecordsRequest { resource_code: ENTERPRISE_REGISTRATION.into(), records: vec![good.clone()], ..Default::default() })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
@@ -353,6 +357,7 @@ async fn records_relay_with_grants_masking_and_audit() {
                 &person,
                 &[("姓名", "张三"), ("性别", "女"), ("出生日期", "1949-12-31"), ("民族", "汉族"), ("户籍地", "北京市朝阳区")],
             )],
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -361,6 +366,7 @@ async fn records_relay_with_grants_masking_and_audit() {
         .put_records(PutRecordsRequest {
             resource_code: POPULATION.into(),
             records: vec![record(&person, &[("性别", "男")])],
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -466,6 +472,7 @@ async fn quotas_revoked_certificates_and_a_tampered_audit_trail() {
         .put_records(PutRecordsRequest {
             resource_code: ENTERPRISE_REGISTRATION.into(),
             records: vec![record(&company, &[("企业名称", "配额测试公司")])],
+            ..Default::default()
         })
         .await
         .unwrap();

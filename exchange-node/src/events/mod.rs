@@ -44,7 +44,7 @@ use tonic::Status;
 
 use crate::consumer::Consumer;
 use crate::error::{NodeError, Violation};
-use crate::records::validate_batch;
+use crate::records::{validate_batch, Applied};
 use crate::relay::Exchange;
 use crate::state::now_unix_ms;
 
@@ -94,7 +94,12 @@ pub struct Events {
     tasks: Mutex<HashMap<String, JoinHandle<()>>>,
     /// Consumer side: connection state and last error of each subscription's stream.
     consumer_live: Mutex<HashMap<String, outbox::Live>>,
+    /// Provider side: when old batch ids of each resource were last pruned.
+    pruned: Mutex<HashMap<String, std::time::Instant>>,
 }
+
+/// How long a batch id is remembered (a retry after longer applies the batch again).
+pub const BATCH_ID_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// A blocking store call off the async threads.
 pub(crate) async fn blocking<T: Send + 'static>(
@@ -132,6 +137,7 @@ impl Events {
             received: Mutex::default(),
             tasks: Mutex::default(),
             consumer_live: Mutex::default(),
+            pruned: Mutex::default(),
         }))
     }
 
@@ -171,6 +177,12 @@ impl Events {
         let rename = |f: String| if put { f } else { change_field(f) };
         if req.resource_code.is_empty() {
             return Err(NodeError::invalid("resource_code", "required"));
+        }
+        if !req.batch_id.is_empty()
+            && (req.batch_id.len() > 64
+                || !req.batch_id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':')))
+        {
+            return Err(NodeError::invalid("batch_id", "1 to 64 characters: letters, digits, - _ . :"));
         }
         if req.changes.len() > MAX_BATCH_RECORDS {
             return Err(NodeError::invalid(
@@ -219,15 +231,44 @@ impl Events {
         let store = x.records.clone();
         let code = req.resource_code.clone();
         let changes: Vec<_> = records.into_iter().zip(kinds).collect();
-        let (first_seq, last_seq) = blocking(move || {
-            let applied = store.apply_changes(&code, changes).map_err(|e| NodeError::Store(e.to_string()))?;
-            Ok(applied)
+        let batch_id = req.batch_id.clone();
+        let applied = blocking(move || {
+            let applied = if batch_id.is_empty() {
+                store.apply_changes(&code, changes).map(|(first_seq, last_seq)| Applied { first_seq, last_seq, duplicate: false })
+            } else {
+                store.apply_changes_once(&code, &batch_id, changes)
+            };
+            applied.map_err(|e| NodeError::Store(e.to_string()))
         })
         .await?;
-        self.outbox.notify_head(&req.resource_code, last_seq);
-        self.trim_outbox(&req.resource_code).await;
-        tracing::info!(caller = %app, resource = %req.resource_code, records = count, first_seq, last_seq, "records stored");
-        Ok(PublishEventsResponse { first_seq, last_seq })
+        let Applied { first_seq, last_seq, duplicate } = applied;
+        if duplicate {
+            tracing::info!(caller = %app, resource = %req.resource_code, batch_id = %req.batch_id, first_seq, last_seq, "batch applied before; not applied again");
+        } else {
+            self.outbox.notify_head(&req.resource_code, last_seq);
+            self.trim_outbox(&req.resource_code).await;
+            self.prune_batch_ids(&req.resource_code);
+            tracing::info!(caller = %app, resource = %req.resource_code, records = count, first_seq, last_seq, "records stored");
+        }
+        Ok(PublishEventsResponse { first_seq, last_seq, duplicate })
+    }
+
+    /// Forgets batch ids older than [`BATCH_ID_RETENTION`], at most once an hour per resource.
+    fn prune_batch_ids(&self, resource_code: &str) {
+        {
+            let mut pruned = self.pruned.lock().expect("prune times");
+            let now = std::time::Instant::now();
+            match pruned.get(resource_code) {
+                Some(at) if now.duration_since(*at) < Duration::from_secs(3600) => return,
+                _ => {
+                    pruned.insert(resource_code.to_string(), now);
+                }
+            }
+        }
+        let before = now_unix_ms() - BATCH_ID_RETENTION.as_millis() as i64;
+        if let Err(e) = self.x.records.prune_batch_ids(resource_code, before) {
+            tracing::warn!(resource = %resource_code, error = %e, "could not prune old batch ids");
+        }
     }
 
     /// Drops the change log's events every active subscriber has acknowledged (all of it when there is

@@ -76,6 +76,15 @@ pub enum RecordStoreError {
     Trimmed { resource_code: String, after_seq: u64, first_kept: u64 },
 }
 
+/// What [`RecordStore::apply_changes_once`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Applied {
+    pub first_seq: u64,
+    pub last_seq: u64,
+    /// The batch id was applied before; nothing was written now.
+    pub duplicate: bool,
+}
+
 /// Where the node keeps the records of the resources its department publishes, and the change log
 /// (outbox) of each resource: every write is a change event with a per-resource seq.
 pub trait RecordStore: Send + Sync + 'static {
@@ -89,6 +98,17 @@ pub trait RecordStore: Send + Sync + 'static {
         resource_code: &str,
         changes: Vec<(Record, RecordChangeKind)>,
     ) -> Result<(u64, u64), RecordStoreError>;
+    /// [`RecordStore::apply_changes`] at most once per `batch_id` (per resource): a batch whose id was
+    /// applied before is not applied again, and the first application's seqs are returned with
+    /// `duplicate`. The id is stored in the same atomic write as the batch.
+    fn apply_changes_once(
+        &self,
+        resource_code: &str,
+        batch_id: &str,
+        changes: Vec<(Record, RecordChangeKind)>,
+    ) -> Result<Applied, RecordStoreError>;
+    /// Forgets batch ids applied before `before_unix_ms`; returns how many.
+    fn prune_batch_ids(&self, resource_code: &str, before_unix_ms: i64) -> Result<u64, RecordStoreError>;
     /// [`RecordStore::apply_changes`] with every kind unspecified; returns the number of records written.
     fn put_batch(&self, resource_code: &str, records: Vec<Record>) -> Result<u64, RecordStoreError> {
         let n = records.len() as u64;

@@ -9,6 +9,7 @@
 //!   holding the events of one applied batch (consecutive seqs). One sled value per batch rather than per
 //!   event: the log costs one insert per batch, not one per record.
 //! - Head: `0xFF ‖ 'h' ‖ code` → the resource's latest seq (8 bytes, big-endian).
+//! - Batch id: `0xFF ‖ 'b' ‖ code ‖ 0x00 ‖ id` → the seqs it became and when (idempotent publishing).
 //!
 //! `0xFF` never occurs in UTF-8, so no resource code starts with it: the log and heads sort after every
 //! record and never mix with them.
@@ -20,7 +21,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use exchange_proto::v1::{EventDelivery, Record, RecordChangeKind, RecordEvent};
 use prost::Message;
 
-use super::{RecordStore, RecordStoreError};
+use super::{Applied, RecordStore, RecordStoreError};
 
 /// The records of the resources this node's department publishes, in the tree `records` of the node's
 /// sled database.
@@ -38,6 +39,74 @@ impl SledRecordStore {
     pub fn open(db: &sled::Db) -> Result<Self, RecordStoreError> {
         Ok(SledRecordStore { tree: db.open_tree(Self::TREE)?, writer: Mutex::new(()) })
     }
+}
+
+impl SledRecordStore {
+    fn apply(
+        &self,
+        resource_code: &str,
+        batch_id: Option<&str>,
+        changes: Vec<(Record, RecordChangeKind)>,
+    ) -> Result<Applied, RecordStoreError> {
+        let prefix = prefix(resource_code)?;
+        if changes.is_empty() {
+            return Ok(Applied { first_seq: 0, last_seq: 0, duplicate: false });
+        }
+        let _writer = self.writer.lock().expect("record store writer");
+        let id_key = batch_id.map(|id| batch_id_key(resource_code, id));
+        if let Some(k) = &id_key {
+            if let Some(v) = self.tree.get(k)? {
+                if v.len() == 24 {
+                    let first_seq = u64::from_be_bytes(v[0..8].try_into().expect("8 bytes"));
+                    let last_seq = u64::from_be_bytes(v[8..16].try_into().expect("8 bytes"));
+                    return Ok(Applied { first_seq, last_seq, duplicate: true });
+                }
+            }
+        }
+        let head = self.head_seq(resource_code)?;
+        let now = now_unix_ms();
+        let first = head + 1;
+        let mut batch = sled::Batch::default();
+        let mut events = Vec::with_capacity(changes.len());
+        // Keys earlier in this batch: a repeated key's later change is an update of the earlier one.
+        let mut seen: HashSet<Vec<u8>> = HashSet::new();
+        for (i, (mut record, kind)) in changes.into_iter().enumerate() {
+            let seq = first + i as u64;
+            let key = storage_key(&prefix, &record.key);
+            let kind = match kind {
+                RecordChangeKind::Unspecified => {
+                    if seen.contains(&key) || self.tree.contains_key(&key)? {
+                        RecordChangeKind::Updated
+                    } else {
+                        RecordChangeKind::Created
+                    }
+                }
+                k => k,
+            };
+            record.updated_at_unix_ms = now;
+            record.version = seq;
+            batch.insert(key.clone(), record.encode_to_vec());
+            seen.insert(key);
+            events.push(RecordEvent { seq, kind: kind as i32, record: Some(record), published_at_unix_ms: now });
+        }
+        let last = first + events.len() as u64 - 1;
+        let log = log_prefix(resource_code);
+        batch.insert(log_key(&log, first), EventDelivery { events, ended_reason: String::new() }.encode_to_vec());
+        batch.insert(head_key(resource_code), last.to_be_bytes().to_vec());
+        if let Some(k) = id_key {
+            let mut v = Vec::with_capacity(24);
+            v.extend_from_slice(&first.to_be_bytes());
+            v.extend_from_slice(&last.to_be_bytes());
+            v.extend_from_slice(&now.to_be_bytes());
+            batch.insert(k, v);
+        }
+        // One atomic batch: after a crash the records, their events and the head are all there or none.
+        self.tree.apply_batch(batch)?;
+        // Durable before the caller acknowledges it.
+        self.tree.flush()?;
+        Ok(Applied { first_seq: first, last_seq: last, duplicate: false })
+    }
+
 }
 
 fn prefix(resource_code: &str) -> Result<Vec<u8>, RecordStoreError> {
@@ -77,6 +146,20 @@ fn seq_of_log_key(key: &[u8]) -> u64 {
     u64::from_be_bytes(key[n - 8..].try_into().expect("8 bytes"))
 }
 
+/// `0xFF 'b' code 0x00 batch id` → first seq, last seq, applied at (unix ms), 8 bytes each.
+fn batch_id_prefix(resource_code: &str) -> Vec<u8> {
+    let mut k = vec![0xFF, b'b'];
+    k.extend_from_slice(resource_code.as_bytes());
+    k.push(0);
+    k
+}
+
+fn batch_id_key(resource_code: &str, batch_id: &str) -> Vec<u8> {
+    let mut k = batch_id_prefix(resource_code);
+    k.extend_from_slice(batch_id.as_bytes());
+    k
+}
+
 fn head_key(resource_code: &str) -> Vec<u8> {
     let mut k = vec![0xFF, b'h'];
     k.extend_from_slice(resource_code.as_bytes());
@@ -93,46 +176,34 @@ impl RecordStore for SledRecordStore {
         resource_code: &str,
         changes: Vec<(Record, RecordChangeKind)>,
     ) -> Result<(u64, u64), RecordStoreError> {
-        let prefix = prefix(resource_code)?;
-        if changes.is_empty() {
-            return Ok((0, 0));
-        }
-        let _writer = self.writer.lock().expect("record store writer");
-        let head = self.head_seq(resource_code)?;
-        let now = now_unix_ms();
-        let first = head + 1;
+        let applied = self.apply(resource_code, None, changes)?;
+        Ok((applied.first_seq, applied.last_seq))
+    }
+
+    fn apply_changes_once(
+        &self,
+        resource_code: &str,
+        batch_id: &str,
+        changes: Vec<(Record, RecordChangeKind)>,
+    ) -> Result<Applied, RecordStoreError> {
+        self.apply(resource_code, Some(batch_id), changes)
+    }
+
+    fn prune_batch_ids(&self, resource_code: &str, before_unix_ms: i64) -> Result<u64, RecordStoreError> {
+        prefix(resource_code)?;
         let mut batch = sled::Batch::default();
-        let mut events = Vec::with_capacity(changes.len());
-        // Keys earlier in this batch: a repeated key's later change is an update of the earlier one.
-        let mut seen: HashSet<Vec<u8>> = HashSet::new();
-        for (i, (mut record, kind)) in changes.into_iter().enumerate() {
-            let seq = first + i as u64;
-            let key = storage_key(&prefix, &record.key);
-            let kind = match kind {
-                RecordChangeKind::Unspecified => {
-                    if seen.contains(&key) || self.tree.contains_key(&key)? {
-                        RecordChangeKind::Updated
-                    } else {
-                        RecordChangeKind::Created
-                    }
-                }
-                k => k,
-            };
-            record.updated_at_unix_ms = now;
-            record.version = seq;
-            batch.insert(key.clone(), record.encode_to_vec());
-            seen.insert(key);
-            events.push(RecordEvent { seq, kind: kind as i32, record: Some(record), published_at_unix_ms: now });
+        let mut n = 0;
+        for item in self.tree.scan_prefix(batch_id_prefix(resource_code)) {
+            let (k, v) = item?;
+            if v.len() == 24 && i64::from_be_bytes(v[16..24].try_into().expect("8 bytes")) < before_unix_ms {
+                batch.remove(k);
+                n += 1;
+            }
         }
-        let last = first + events.len() as u64 - 1;
-        let log = log_prefix(resource_code);
-        batch.insert(log_key(&log, first), EventDelivery { events, ended_reason: String::new() }.encode_to_vec());
-        batch.insert(head_key(resource_code), last.to_be_bytes().to_vec());
-        // One atomic batch: after a crash the records, their events and the head are all there or none.
-        self.tree.apply_batch(batch)?;
-        // Durable before the caller acknowledges it.
-        self.tree.flush()?;
-        Ok((first, last))
+        if n > 0 {
+            self.tree.apply_batch(batch)?;
+        }
+        Ok(n)
     }
 
     fn get_many(&self, resource_code: &str, keys: &[String]) -> Result<Vec<Option<Record>>, RecordStoreError> {
@@ -520,5 +591,27 @@ mod tests {
         assert_eq!(store.head_seq(code).unwrap(), 2);
         assert_eq!(store.events_after(code, 0, 10).unwrap().len(), 2);
         assert_eq!(store.apply_changes(code, vec![(record("A", "3"), RecordChangeKind::Unspecified)]).unwrap(), (3, 3));
+    }
+
+    #[test]
+    fn a_batch_id_is_applied_once_and_forgotten_after_pruning() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        let store = SledRecordStore::open(&db).unwrap();
+        let code = "101001/000001";
+        let changes = || vec![(record("A", "1"), RecordChangeKind::Unspecified), (record("B", "2"), RecordChangeKind::Unspecified)];
+        let first = store.apply_changes_once(code, "job-7", changes()).unwrap();
+        assert_eq!(first, Applied { first_seq: 1, last_seq: 2, duplicate: false });
+        let again = store.apply_changes_once(code, "job-7", changes()).unwrap();
+        assert_eq!(again, Applied { first_seq: 1, last_seq: 2, duplicate: true });
+        assert_eq!(store.head_seq(code).unwrap(), 2, "nothing applied the second time");
+        // Ids are per resource; another id applies.
+        assert!(!store.apply_changes_once("101001/000002", "job-7", changes()).unwrap().duplicate);
+        assert_eq!(store.apply_changes_once(code, "job-8", changes()).unwrap().first_seq, 3);
+        // Batch ids are neither records nor events.
+        assert_eq!(store.count_resource(code).unwrap(), 2);
+        assert_eq!(store.prune_batch_ids(code, 0).unwrap(), 0, "younger than the cut-off");
+        assert_eq!(store.prune_batch_ids(code, i64::MAX).unwrap(), 2);
+        assert!(!store.apply_changes_once(code, "job-7", changes()).unwrap().duplicate);
     }
 }
