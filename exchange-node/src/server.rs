@@ -87,6 +87,7 @@ pub async fn run_with_timing(
     // revoked before a restart stay refused even if the directory is unreachable now.
     let revocations = RevocationSet::default();
     let policy = Arc::new(Policy::open(&db, &me.department, revocations.clone())?);
+    policy.set_max_staleness(Duration::from_secs(config.relay.max_directory_staleness_seconds));
     let records: Arc<dyn RecordStore> =
         Arc::new(SledRecordStore::open(&db).map_err(|e| NodeError::Store(e.to_string()))?);
     let keys = AuditKeys::load_or_create(&config.data_dir).map_err(|e| NodeError::Store(e.to_string()))?;

@@ -218,16 +218,11 @@ impl Events {
         let this = self.clone();
         let (c2, r2) = (consumer.clone(), code.clone());
         tokio::spawn(async move {
-            loop {
-                match acks.message().await {
-                    Ok(Some(ack)) => {
-                        let upto = ack.received_upto_seq;
-                        if upto > *acked_tx.borrow() {
-                            acked_tx.send_replace(upto);
-                            this.record_ack(&c2, &r2, upto).await;
-                        }
-                    }
-                    _ => break,
+            while let Ok(Some(ack)) = acks.message().await {
+                let upto = ack.received_upto_seq;
+                if upto > *acked_tx.borrow() {
+                    acked_tx.send_replace(upto);
+                    this.record_ack(&c2, &r2, upto).await;
                 }
             }
             // Dropping acked_tx tells the sender the consumer is gone.
