@@ -5,7 +5,8 @@
 //! Within the bound a query is still relayed without the directory; past it both sides refuse with
 //! UNAVAILABLE naming the bound (tax's node for its application, commerce's node for a node calling it
 //! directly), and `NodeStatus` says how old the copy is; once the directory is back (same data, same
-//! port), relaying resumes.
+//! port), relaying resumes. Event delivery follows the same bound: a change is delivered from the
+//! cached state within it, held in the provider's outbox past it, and delivered once the directory is back.
 
 mod common;
 
@@ -134,6 +135,32 @@ async fn relaying_stops_past_the_staleness_bound_and_resumes_with_the_directory(
     let s = status(tax_operator.clone()).await;
     assert_eq!((s.directory_state_age_seconds, s.directory_state_stale), (0, false), "{s:?}");
     assert_eq!(s.directory_max_staleness_seconds, BOUND_SECONDS, "{s:?}");
+    // Tax subscribes to the resource's changes.
+    let commerce_app = commerce.client(&pki.identity("commerce", Role::App));
+    let start = tax_app.clone().subscribe(SubscribeRequest { resource_code: ENTERPRISE_REGISTRATION.into() }).await.unwrap().into_inner().start_seq;
+    let change = |n: u32| {
+        let mut app = commerce_app.clone();
+        let company = company.clone();
+        async move {
+            let record = Record {
+                key: company.clone(),
+                items: [("企业名称".to_string(), format!("时效测试公司（第{n}次变更）"))].into(),
+                ..Default::default()
+            };
+            app.put_records(PutRecordsRequest { resource_code: ENTERPRISE_REGISTRATION.into(), records: vec![record], ..Default::default() })
+                .await
+                .unwrap()
+                .into_inner()
+                .last_seq
+        }
+    };
+    let received = |upto: u64| {
+        let t = tax_app.clone();
+        async move {
+            let l = t.clone().list_subscriptions(ListSubscriptionsRequest {}).await.unwrap().into_inner();
+            (l.as_consumer[0].received_upto_seq >= upto).then_some(())
+        }
+    };
 
     // ---- the directory goes away: within the bound, relaying goes on from the cached state ----
     let stopped_at = Instant::now();
@@ -142,6 +169,10 @@ async fn relaying_stops_past_the_staleness_bound_and_resumes_with_the_directory(
     assert!(stopped_at.elapsed() < Duration::from_secs(BOUND_SECONDS), "the directory took too long to stop");
     let served = served.expect("relayed within the bound without the directory").into_inner();
     assert_eq!(served.records.len(), 1);
+    // A change is delivered too, from the cached state.
+    let first_change = change(1).await;
+    assert!(first_change > start);
+    wait_for("a change delivered without the directory", Duration::from_secs(BOUND_SECONDS), || received(first_change)).await;
     assert!(!status(tax_operator.clone()).await.directory_state_stale);
 
     // ---- past the bound: the consumer's node refuses, saying why ----
@@ -174,6 +205,11 @@ async fn relaying_stops_past_the_staleness_bound_and_resumes_with_the_directory(
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
     assert_names_the_bound(err.message());
 
+    // Past the bound, a change waits in commerce's outbox: delivery stops too.
+    let second_change = change(2).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(received(second_change).await.is_none(), "delivered past the bound");
+
     let s = status(tax_operator.clone()).await;
     assert!(!s.directory_watch_connected);
     assert!(s.directory_state_stale, "{s:?}");
@@ -188,6 +224,7 @@ async fn relaying_stops_past_the_staleness_bound_and_resumes_with_the_directory(
     })
     .await;
     RelayClient::new(channel).fetch_records(fetch("fresh-again", &company)).await.expect("commerce serves again");
+    wait_for("the held change delivered once the directory is back", Duration::from_secs(10), || received(second_change)).await;
     let s = status(tax_operator.clone()).await;
     assert!(!s.directory_state_stale && s.directory_state_age_seconds == 0, "{s:?}");
 
