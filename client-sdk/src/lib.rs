@@ -12,6 +12,9 @@
 //! - [`records`]: what applications use: typed enterprise and population records (item names, formats,
 //!   masking) and `ExchangeClient` (put and query records through the department's node, grants at the
 //!   directory, the node's audit trail), with keys checked before anything is sent.
+//! - [`events`]: push subscriptions and bulk sync: publish changes, subscribe, `EventSubscription` (a
+//!   resumable exactly-once reader of a subscription's events), `SnapshotReader` (resumable bulk sync) and
+//!   `Replica` (an in-memory copy kept exact by versions).
 //! - [`process`]: what every server binary shares: log set-up and the shutdown signal.
 //! - [`catalog`]: catalog entries as TOML/JSON people edit and read, and their conversion to the wire type.
 //! - [`error`]: turns a gRPC `Status` (with google.rpc details) into a typed [`error::ClientError`].
@@ -23,6 +26,7 @@ pub mod catalog;
 pub mod cli;
 pub mod client;
 pub mod error;
+pub mod events;
 pub mod identity;
 pub mod ids;
 pub mod pki;

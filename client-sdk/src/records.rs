@@ -595,7 +595,7 @@ fn invalid(violations: Vec<FieldViolation>) -> ClientError {
     ClientError::InvalidArgument { message, violations }
 }
 
-fn violation(field: impl Into<String>, description: impl Into<String>) -> FieldViolation {
+pub(crate) fn violation(field: impl Into<String>, description: impl Into<String>) -> FieldViolation {
     FieldViolation { field: field.into(), description: description.into() }
 }
 
@@ -616,7 +616,7 @@ pub fn check_identity_number(field: &str, id: &str) -> Option<FieldViolation> {
     ids::validate_identity_number(id).err().map(|e| violation(field, format!("{item} {id:?} is not valid: {e}")))
 }
 
-fn check_not_empty(field: &str, value: &str, what: &str) -> Option<FieldViolation> {
+pub(crate) fn check_not_empty(field: &str, value: &str, what: &str) -> Option<FieldViolation> {
     value.trim().is_empty().then(|| violation(field, format!("{what} is required")))
 }
 
@@ -630,7 +630,7 @@ fn check_keys(keys: &[&str]) -> Vec<FieldViolation> {
     keys.iter().enumerate().filter_map(|(i, k)| check_not_empty(&format!("keys[{i}]"), k, "a key")).collect()
 }
 
-fn ok_or_invalid(violations: Vec<FieldViolation>) -> Result<(), ClientError> {
+pub(crate) fn ok_or_invalid(violations: Vec<FieldViolation>) -> Result<(), ClientError> {
     if violations.is_empty() {
         Ok(())
     } else {
@@ -762,7 +762,7 @@ impl ExchangeClient {
         self.node.clone()
     }
 
-    fn request<T>(&self, message: T) -> tonic::Request<T> {
+    pub(crate) fn request<T>(&self, message: T) -> tonic::Request<T> {
         let mut req = tonic::Request::new(message);
         req.set_timeout(self.timeout);
         req
@@ -770,7 +770,7 @@ impl ExchangeClient {
 
     /// Runs one call with the deadline enforced on this side too (a server that never answers, a
     /// connection that hangs).
-    async fn unary<T>(&self, call: impl Future<Output = Result<tonic::Response<T>, Status>>) -> Result<T, ClientError> {
+    pub(crate) async fn unary<T>(&self, call: impl Future<Output = Result<tonic::Response<T>, Status>>) -> Result<T, ClientError> {
         // A little longer than the deadline sent, so a server that honours it answers DEADLINE_EXCEEDED itself.
         match tokio::time::timeout(self.timeout + Duration::from_millis(500), call).await {
             Ok(result) => result.map(tonic::Response::into_inner).map_err(ClientError::from),
@@ -820,7 +820,7 @@ impl ExchangeClient {
         let (mut stored, mut accepted) = (0u64, 0usize);
         for range in ranges {
             let batch: Vec<Record> = rest.by_ref().take(range.len()).collect();
-            let request = self.request(PutRecordsRequest { resource_code: resource.to_string(), records: batch });
+            let request = self.request(PutRecordsRequest { resource_code: resource.to_string(), records: batch, ..Default::default() });
             let mut node = self.node.clone();
             match self.unary(node.put_records(request)).await {
                 Ok(resp) => {
@@ -1026,25 +1026,32 @@ pub fn unix_ms(t: OffsetDateTime) -> i64 {
 /// Splits records into `PutRecords` calls: at most [`MAX_BATCH_RECORDS`] records and [`PUT_BATCH_BYTES`]
 /// encoded bytes each (a single larger record goes alone, for the node to refuse).
 fn put_batches(records: &[Record]) -> Vec<std::ops::Range<usize>> {
+    size_batches(records.iter().map(|r| r.encoded_len()))
+}
+
+/// Splits a list of messages of the given encoded sizes into calls of at most [`MAX_BATCH_RECORDS`]
+/// messages and [`PUT_BATCH_BYTES`] bytes each (a single larger message goes alone, for the node to refuse).
+pub(crate) fn size_batches(sizes: impl ExactSizeIterator<Item = usize>) -> Vec<std::ops::Range<usize>> {
     let mut batches = Vec::new();
+    let count = sizes.len();
     let (mut start, mut bytes) = (0, 0);
-    for (i, r) in records.iter().enumerate() {
-        let len = r.encoded_len() + 8; // field tag and length prefix
+    for (i, size) in sizes.enumerate() {
+        let len = size + 8; // field tag and length prefix
         if i > start && (i - start >= MAX_BATCH_RECORDS || bytes + len > PUT_BATCH_BYTES) {
             batches.push(start..i);
             (start, bytes) = (i, 0);
         }
         bytes += len;
     }
-    if start < records.len() {
-        batches.push(start..records.len());
+    if start < count {
+        batches.push(start..count);
     }
     batches
 }
 
 /// Renumbers `list[N]` by `offset` in an error's field violations and message, so a refusal of a later
 /// batch points at the right position of the whole list.
-fn shift_indexes(error: &mut ClientError, list: &str, offset: usize) {
+pub(crate) fn shift_indexes(error: &mut ClientError, list: &str, offset: usize) {
     if offset == 0 {
         return;
     }

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-/// Operator CLI for gov-exchange: certificates, the catalog, nodes, records, grants, audit.
+/// Operator CLI for gov-exchange: certificates, the catalog, nodes, records, events, grants, audit.
 ///
 /// Certificates: pass --ca/--cert/--key, or --pki-dir with --identity NAME for DIR/ca.crt,
 /// DIR/NAME.crt and DIR/NAME.key (the layout `exchangectl pki issue` writes).
@@ -81,9 +81,13 @@ pub enum Command {
     NodeStatus,
     /// Who the directory takes this certificate for.
     Whoami,
-    /// Records: store your department's (put), look up another department's (get), through --node.
+    /// Records: store your department's (put), look up another department's (get), copy a whole resource
+    /// (sync), through --node.
     #[command(subcommand)]
     Records(RecordsCommand),
+    /// Change events: publish your department's, subscribe to another department's, receive them.
+    #[command(subcommand)]
+    Events(EventsCommand),
     /// Grants of access to conditional resources, kept by the directory: request, list, decide, revoke.
     #[command(subcommand)]
     Grants(GrantsCommand),
@@ -118,6 +122,84 @@ pub enum RecordsCommand {
         /// Why you ask (recorded in both departments' audit trails).
         #[arg(long, value_name = "TEXT", default_value = "")]
         purpose: String,
+    },
+    /// Copy every record of another department's resource into a JSON-lines file, through --node.
+    ///
+    /// One record per line: {"key": "...", "version": N, "items": {...}}, in key order. If FILE exists,
+    /// the sync continues after the last complete line's key (appending); a partial last line left by an
+    /// interrupted run is dropped first. Subscribe before syncing to keep the copy current: apply an event
+    /// to a key only if its seq is greater than the record's version.
+    Sync {
+        /// Resource code.
+        #[arg(long, value_name = "CODE")]
+        resource: String,
+        /// The JSON-lines file to write (or to continue).
+        #[arg(long, short, value_name = "FILE.jsonl")]
+        out: PathBuf,
+        /// Why you copy the data (recorded in both departments' audit trails).
+        #[arg(long, value_name = "TEXT", default_value = "")]
+        purpose: String,
+        /// Start over: truncate FILE instead of continuing it.
+        #[arg(long)]
+        restart: bool,
+        /// No progress bar (it is also hidden when stderr is not a terminal, and with --json).
+        #[arg(long, short)]
+        quiet: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EventsCommand {
+    /// Publish changes of records of a resource your department publishes (app or operator certificate):
+    /// the records are stored and every subscriber receives the changes.
+    Publish {
+        /// Resource code (your department's catalog entry).
+        #[arg(long, value_name = "CODE")]
+        resource: String,
+        /// Records as for `records put`: a JSON array of {"key": "...", "items": {...}} or JSON lines;
+        /// `-` reads standard input.
+        #[arg(long, short, value_name = "FILE")]
+        file: PathBuf,
+        /// The kind of every change [default: created for a new key, updated otherwise].
+        #[arg(long, value_parser = ["created", "updated", "deregistered"])]
+        kind: Option<String>,
+    },
+    /// Subscribe your department to another department's resource; the node then keeps every change in
+    /// its inbox until an application acknowledges it. Subscribing again is harmless.
+    Subscribe {
+        /// Resource code.
+        #[arg(long, value_name = "CODE")]
+        resource: String,
+    },
+    /// End your department's subscription to a resource.
+    Unsubscribe {
+        /// Resource code.
+        #[arg(long, value_name = "CODE")]
+        resource: String,
+    },
+    /// The node's subscriptions, both sides: positions, backlog, connection, state.
+    List,
+    /// Print a subscription's events as JSON lines (seq, kind, key, version, items) on stdout.
+    ///
+    /// Starts after the node's acknowledged position (or --after), acknowledges after each batch is
+    /// written (unless --no-ack), and stops when no event arrives within a second (or --max are printed);
+    /// with --follow it waits for more until Ctrl-C. Reconnects after the last event printed.
+    Receive {
+        /// Resource code.
+        #[arg(long, value_name = "CODE")]
+        resource: String,
+        /// Start after this seq (the last one you processed) instead of the node's acknowledged position.
+        #[arg(long, value_name = "SEQ")]
+        after: Option<u64>,
+        /// Keep waiting for events until Ctrl-C or the end of the subscription.
+        #[arg(long, short = 'F')]
+        follow: bool,
+        /// Stop after this many events.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+        max: Option<u64>,
+        /// Do not acknowledge: the node keeps the events (the next receive sees them again).
+        #[arg(long)]
+        no_ack: bool,
     },
 }
 
@@ -436,6 +518,26 @@ mod tests {
         let Command::Records(RecordsCommand::Get { keys, purpose, .. }) = cli.command else { panic!() };
         assert_eq!(keys, ["K1", "K2"]);
         assert_eq!(purpose, "核验");
+    }
+
+    #[test]
+    fn records_sync_and_events_commands() {
+        let cli = parse(&["records", "sync", "--resource", "r", "--out", "r.jsonl", "--purpose", "初始化", "-q"]).unwrap();
+        let Command::Records(RecordsCommand::Sync { out, purpose, restart, quiet, .. }) = cli.command else { panic!() };
+        assert_eq!((out, purpose.as_str(), restart, quiet), (PathBuf::from("r.jsonl"), "初始化", false, true));
+        assert!(parse(&["records", "sync", "--resource", "r"]).is_err(), "--out is required");
+
+        let cli = parse(&["events", "publish", "--resource", "r", "-f", "x.json", "--kind", "deregistered"]).unwrap();
+        let Command::Events(EventsCommand::Publish { kind, .. }) = cli.command else { panic!() };
+        assert_eq!(kind.as_deref(), Some("deregistered"));
+        assert!(parse(&["events", "publish", "--resource", "r", "-f", "x", "--kind", "deleted"]).is_err());
+        assert!(matches!(parse(&["events", "list"]).unwrap().command, Command::Events(EventsCommand::List)));
+        assert!(parse(&["events", "subscribe"]).is_err(), "--resource is required");
+
+        let cli = parse(&["events", "receive", "--resource", "r", "--after", "41", "--follow", "--max", "10", "--no-ack"]).unwrap();
+        let Command::Events(EventsCommand::Receive { after, follow, max, no_ack, .. }) = cli.command else { panic!() };
+        assert_eq!((after, follow, max, no_ack), (Some(41), true, Some(10), true));
+        assert!(parse(&["events", "receive", "--resource", "r", "--max", "0"]).is_err());
     }
 
     #[test]

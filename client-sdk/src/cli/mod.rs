@@ -5,16 +5,19 @@
 //! - [`args`]: the clap definitions (commands, flags, environment variables).
 //! - [`output`]: JSON views and the human text made from them.
 //! - [`table`]: aligned columns that measure CJK text by display width.
-//! - `pki_cmd`, `catalog_cmd`, `nodes_cmd`, `records_cmd`, `grants_cmd`, `audit_cmd`: the commands.
+//! - `pki_cmd`, `catalog_cmd`, `nodes_cmd`, `records_cmd`, `events_cmd`, `grants_cmd`, `audit_cmd`: the
+//!   commands; `sync_file`: the resumable JSON-lines file of `records sync`.
 
 pub mod args;
 mod audit_cmd;
 mod catalog_cmd;
+mod events_cmd;
 mod grants_cmd;
 mod nodes_cmd;
 mod records_cmd;
 pub mod output;
 mod pki_cmd;
+pub mod sync_file;
 pub mod table;
 
 use std::path::PathBuf;
@@ -57,6 +60,9 @@ pub enum CliError {
     /// `audit verify` found the trail tampered with; the command has printed the verification already.
     #[error("the audit trail is NOT intact: {problem} (first entry concerned: seq {seq})")]
     AuditTampered { problem: String, seq: u64 },
+    /// Ctrl-C stopped a long command; the message says how to continue.
+    #[error("{0}")]
+    Interrupted(String),
 }
 
 fn publish_error_text(error: &BatchPublishError, codes: &[String]) -> String {
@@ -107,6 +113,7 @@ impl CliError {
         match self {
             CliError::Usage(_) => 2,
             CliError::AuditTampered { .. } => 1,
+            CliError::Interrupted(_) => EXIT_INTERRUPTED,
             CliError::Client(e) if e.code() == tonic::Code::Unavailable => EXIT_UNREACHABLE,
             CliError::Publish { error, .. } if error.error.code() == tonic::Code::Unavailable => EXIT_UNREACHABLE,
             _ => 1,
@@ -132,6 +139,7 @@ impl CliError {
             CliError::File { .. } => ("File".into(), vec![], None),
             CliError::Usage(_) => ("Usage".into(), vec![], None),
             CliError::AuditTampered { .. } => ("AuditTampered".into(), vec![], None),
+            CliError::Interrupted(_) => ("Interrupted".into(), vec![], None),
         };
         let violations: Vec<Violation> =
             violations.iter().map(|(f, d)| Violation { field: f, description: d }).collect();
@@ -250,6 +258,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::NodeStatus => nodes_cmd::node_status(&ctx, ctx.global.node_addr()).await,
         Command::Whoami => nodes_cmd::whoami(&ctx).await,
         Command::Records(cmd) => records_cmd::run(&ctx, cmd).await,
+        Command::Events(cmd) => events_cmd::run(&ctx, cmd).await,
         Command::Grants(cmd) => grants_cmd::run(&ctx, cmd).await,
         Command::Audit(cmd) => audit_cmd::run(&ctx, cmd).await,
     }
@@ -257,6 +266,9 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
 
 /// The exit status when a server could not be reached (1 is any other error, 2 a usage error).
 pub const EXIT_UNREACHABLE: u8 = 3;
+
+/// The exit status after Ctrl-C (128 + SIGINT, as shells report it).
+pub const EXIT_INTERRUPTED: u8 = 130;
 
 /// Prints a failed command's error: always as text on stderr, and with `--json` also as a JSON document
 /// on stdout (unless the command printed its result document already). Returns the exit status.

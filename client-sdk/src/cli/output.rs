@@ -477,6 +477,24 @@ pub struct NodeStatusView {
     pub last_directory_error: String,
     pub published_entries: u64,
     pub catalog_version: u64,
+    pub grants_version: u64,
+    pub revocations_version: u64,
+    pub provided_resources: u64,
+    pub active_grants: u64,
+    pub directory_watch_connected: bool,
+    pub audit_entries: u64,
+    pub records_stored: u64,
+    /// How old the node's copy of the directory's state is (0 while the watches are connected).
+    pub directory_state_age_seconds: u64,
+    /// The bound past which relaying and event delivery stop (0: none).
+    pub directory_max_staleness_seconds: u64,
+    pub directory_state_stale: bool,
+    pub subscriptions_as_provider: u64,
+    pub subscriptions_as_consumer: u64,
+    /// Events not yet acknowledged by subscribers.
+    pub outbox_backlog: u64,
+    /// Events not yet acknowledged by this department's applications.
+    pub inbox_backlog: u64,
 }
 
 impl From<NodeStatusResponse> for NodeStatusView {
@@ -492,7 +510,31 @@ impl From<NodeStatusResponse> for NodeStatusView {
             last_directory_error: s.last_directory_error,
             published_entries: s.published_entries,
             catalog_version: s.catalog_version,
+            grants_version: s.grants_version,
+            revocations_version: s.revocations_version,
+            provided_resources: s.provided_resources,
+            active_grants: s.active_grants,
+            directory_watch_connected: s.directory_watch_connected,
+            audit_entries: s.audit_entries,
+            records_stored: s.records_stored,
+            directory_state_age_seconds: s.directory_state_age_seconds,
+            directory_max_staleness_seconds: s.directory_max_staleness_seconds,
+            directory_state_stale: s.directory_state_stale,
+            subscriptions_as_provider: s.subscriptions_as_provider,
+            subscriptions_as_consumer: s.subscriptions_as_consumer,
+            outbox_backlog: s.outbox_backlog,
+            inbox_backlog: s.inbox_backlog,
         }
+    }
+}
+
+/// A length of time in seconds, coarsely: `45s`, `12m`, `5h`, `2d`.
+pub fn format_secs(secs: u64) -> String {
+    match secs {
+        0..=119 => format!("{secs}s"),
+        120..=7199 => format!("{}m", secs / 60),
+        7200..=172_799 => format!("{}h", secs / 3600),
+        _ => format!("{}d", secs / 86_400),
     }
 }
 
@@ -507,9 +549,43 @@ impl NodeStatusView {
             ("last heartbeat", format_age(now_ms, self.last_heartbeat_ok_unix_ms)),
             ("published", format!("{} entries", self.published_entries)),
             ("catalog version", self.catalog_version.to_string()),
+            ("grants version", self.grants_version.to_string()),
+            ("revocations", format!("version {}", self.revocations_version)),
+            ("directory watch", if self.directory_watch_connected { "connected".into() } else { "disconnected".into() }),
+            ("directory state", self.directory_state()),
+            ("provides", format!("{} resources, {} active grants", self.provided_resources, self.active_grants)),
+            ("records stored", self.records_stored.to_string()),
+            ("audit entries", self.audit_entries.to_string()),
+            (
+                "subscriptions",
+                format!("{} as provider, {} as consumer", self.subscriptions_as_provider, self.subscriptions_as_consumer),
+            ),
+            (
+                "event backlog",
+                format!(
+                    "outbox {} (not yet acknowledged by subscribers), inbox {} (not yet acknowledged by applications)",
+                    self.outbox_backlog, self.inbox_backlog
+                ),
+            ),
             ("directory error", if self.last_directory_error.is_empty() { "-".into() } else { self.last_directory_error.clone() }),
         ];
         rows.iter().map(|(k, v)| format!("{k:<17}{v}\n")).collect()
+    }
+
+    /// `current`, `40s old (bound 5m)`, or `STALE: ...` when past the bound.
+    fn directory_state(&self) -> String {
+        let bound = match self.directory_max_staleness_seconds {
+            0 => "no bound".to_string(),
+            b => format!("bound {}", format_secs(b)),
+        };
+        let age = self.directory_state_age_seconds;
+        if self.directory_state_stale {
+            format!("STALE: {} old ({bound}): relaying and event delivery are stopped until the directory is back", format_secs(age))
+        } else if age == 0 {
+            format!("current ({bound})")
+        } else {
+            format!("{} old ({bound})", format_secs(age))
+        }
     }
 }
 
@@ -1039,6 +1115,307 @@ impl AuditView {
     }
 }
 
+// ---- events and sync ----
+
+/// `events publish`.
+#[derive(Debug, Serialize)]
+pub struct EventsPublishedView {
+    pub file: String,
+    pub resource_code: String,
+    pub via: String,
+    /// `created`, `updated`, `deregistered`, or `unspecified` (created if new, updated otherwise).
+    pub kind: String,
+    pub changes: u64,
+    pub first_seq: u64,
+    pub last_seq: u64,
+    /// Batches the node had applied already (sent again after a lost answer): not applied twice.
+    pub duplicate_batches: u32,
+}
+
+impl EventsPublishedView {
+    pub fn human(&self) -> String {
+        let seqs = match (self.first_seq, self.last_seq) {
+            (0, _) => String::new(),
+            (f, l) if f == l => format!(": seq {f}"),
+            (f, l) => format!(": seq {f}-{l}"),
+        };
+        let dup = match self.duplicate_batches {
+            0 => String::new(),
+            n => format!(" ({n} batch{} had been applied already and was not applied again)", if n == 1 { "" } else { "es" }),
+        };
+        format!(
+            "published {} change{} of {} from {} via {}{seqs}{dup}\n",
+            self.changes,
+            if self.changes == 1 { "" } else { "s" },
+            self.resource_code,
+            self.file,
+            self.via
+        )
+    }
+}
+
+/// `events subscribe`.
+#[derive(Debug, Serialize)]
+pub struct SubscribedView {
+    pub resource_code: String,
+    pub provider_code: String,
+    /// Events after this seq are kept in the node's inbox.
+    pub start_seq: u64,
+    /// The subscription existed already (kept, with its position).
+    pub existed: bool,
+    pub data_items: Vec<String>,
+    pub masked_items: Vec<String>,
+}
+
+impl SubscribedView {
+    pub fn new(resource: &str, r: crate::events::SubscribeResponse) -> Self {
+        SubscribedView {
+            resource_code: resource.to_string(),
+            provider_code: r.provider_code,
+            start_seq: r.start_seq,
+            existed: r.existed,
+            data_items: r.data_items,
+            masked_items: r.masked_items,
+        }
+    }
+
+    pub fn human(&self) -> String {
+        let dash = |v: &[String]| if v.is_empty() { "-".to_string() } else { v.join(", ") };
+        let head = if self.existed {
+            format!(
+                "already subscribed to {} (provider {}): the subscription started after seq {}\n",
+                self.resource_code, self.provider_code, self.start_seq
+            )
+        } else {
+            format!(
+                "subscribed to {} (provider {}): every change after seq {} is kept in the node's inbox\n",
+                self.resource_code, self.provider_code, self.start_seq
+            )
+        };
+        format!("{head}items   {}\nmasked  {}\n", dash(&self.data_items), dash(&self.masked_items))
+    }
+}
+
+/// `events unsubscribe`.
+#[derive(Debug, Serialize)]
+pub struct UnsubscribedView {
+    pub resource_code: String,
+    pub existed: bool,
+}
+
+impl UnsubscribedView {
+    pub fn human(&self) -> String {
+        if self.existed {
+            format!("unsubscribed from {}\n", self.resource_code)
+        } else {
+            format!("no active subscription to {}: nothing to do\n", self.resource_code)
+        }
+    }
+}
+
+/// One subscription, either side.
+#[derive(Debug, Serialize)]
+pub struct SubscriptionView {
+    pub resource_code: String,
+    pub provider_code: String,
+    pub consumer_code: String,
+    pub start_seq: u64,
+    /// Consumer side: every event up to it is in this node's inbox. Provider side: the consumer's node has
+    /// acknowledged every event up to it.
+    pub received_upto_seq: u64,
+    /// Consumer side: acknowledged by this department's applications.
+    pub acked_upto_seq: u64,
+    /// Provider side: the resource's latest change.
+    pub head_seq: u64,
+    pub backlog: u64,
+    pub connected: bool,
+    pub active: bool,
+    pub ended_reason: String,
+    pub last_delivery_unix_ms: i64,
+    pub last_error: String,
+}
+
+impl From<crate::events::Subscription> for SubscriptionView {
+    fn from(s: crate::events::Subscription) -> Self {
+        SubscriptionView {
+            resource_code: s.resource_code,
+            provider_code: s.provider_code,
+            consumer_code: s.consumer_code,
+            start_seq: s.start_seq,
+            received_upto_seq: s.received_upto_seq,
+            acked_upto_seq: s.acked_upto_seq,
+            head_seq: s.head_seq,
+            backlog: s.backlog,
+            connected: s.connected,
+            active: s.active,
+            ended_reason: s.ended_reason,
+            last_delivery_unix_ms: s.last_delivery_unix_ms,
+            last_error: s.last_error,
+        }
+    }
+}
+
+impl SubscriptionView {
+    fn state(&self) -> String {
+        match (self.active, self.ended_reason.as_str()) {
+            (true, _) => "active".to_string(),
+            (false, "") => "ended".to_string(),
+            (false, reason) => format!("ended: {reason}"),
+        }
+    }
+}
+
+/// `events list`.
+#[derive(Debug, Serialize)]
+pub struct SubscriptionsView {
+    /// This department receives.
+    pub as_consumer: Vec<SubscriptionView>,
+    /// This department sends.
+    pub as_provider: Vec<SubscriptionView>,
+}
+
+impl From<crate::events::ListSubscriptionsResponse> for SubscriptionsView {
+    fn from(r: crate::events::ListSubscriptionsResponse) -> Self {
+        let mut view = SubscriptionsView {
+            as_consumer: r.as_consumer.into_iter().map(Into::into).collect(),
+            as_provider: r.as_provider.into_iter().map(Into::into).collect(),
+        };
+        view.as_consumer.sort_by(|a, b| a.resource_code.cmp(&b.resource_code));
+        view.as_provider.sort_by(|a, b| (&a.resource_code, &a.consumer_code).cmp(&(&b.resource_code, &b.consumer_code)));
+        view
+    }
+}
+
+impl SubscriptionsView {
+    pub fn human(&self, now_ms: i64) -> String {
+        if self.as_consumer.is_empty() && self.as_provider.is_empty() {
+            return "no subscriptions\n".to_string();
+        }
+        let dash = |s: &str| if s.is_empty() { "-".to_string() } else { s.to_string() };
+        let yes_no = |b: bool| if b { "yes" } else { "no" }.to_string();
+        let table = |peer: &str| {
+            Table::new(&[
+                "resource", peer, "start", "received", "acked", "head", "backlog", "connected", "last delivery", "state",
+                "last error",
+            ])
+            .align(2, Align::Right)
+            .align(3, Align::Right)
+            .align(4, Align::Right)
+            .align(5, Align::Right)
+            .align(6, Align::Right)
+            .max_width(9, 40)
+            .max_width(10, 50)
+        };
+        let mut out = String::new();
+        if !self.as_consumer.is_empty() {
+            let mut t = table("provider");
+            for s in &self.as_consumer {
+                t.row([
+                    s.resource_code.clone(),
+                    s.provider_code.clone(),
+                    s.start_seq.to_string(),
+                    s.received_upto_seq.to_string(),
+                    s.acked_upto_seq.to_string(),
+                    "-".to_string(),
+                    s.backlog.to_string(),
+                    yes_no(s.connected),
+                    format_age(now_ms, s.last_delivery_unix_ms),
+                    s.state(),
+                    dash(&s.last_error),
+                ]);
+            }
+            let _ = writeln!(out, "as consumer (received: in this node's inbox; acked: by your applications)");
+            out.push_str(&t.render());
+        }
+        if !self.as_provider.is_empty() {
+            if !out.is_empty() {
+                out.push('\n');
+            }
+            let mut t = table("consumer");
+            for s in &self.as_provider {
+                t.row([
+                    s.resource_code.clone(),
+                    s.consumer_code.clone(),
+                    s.start_seq.to_string(),
+                    s.received_upto_seq.to_string(),
+                    "-".to_string(),
+                    s.head_seq.to_string(),
+                    s.backlog.to_string(),
+                    yes_no(s.connected),
+                    format_age(now_ms, s.last_delivery_unix_ms),
+                    s.state(),
+                    dash(&s.last_error),
+                ]);
+            }
+            let _ = writeln!(out, "as provider (received: acknowledged by the consumer's node; head: the latest change)");
+            out.push_str(&t.render());
+        }
+        out
+    }
+}
+
+/// One event as `events receive` prints it (a JSON line).
+#[derive(Debug, Serialize)]
+pub struct EventLineView {
+    pub seq: u64,
+    pub kind: String,
+    pub key: String,
+    pub items: BTreeMap<String, String>,
+    pub published_at_unix_ms: i64,
+}
+
+impl From<crate::events::RecordEvent> for EventLineView {
+    fn from(e: crate::events::RecordEvent) -> Self {
+        let kind = crate::events::CHANGE_KINDS.word(e.kind);
+        let record = e.record.unwrap_or_default();
+        EventLineView {
+            seq: e.seq,
+            kind,
+            key: record.key,
+            items: record.items.into_iter().collect(),
+            published_at_unix_ms: e.published_at_unix_ms,
+        }
+    }
+}
+
+/// `records sync`.
+#[derive(Debug, Serialize)]
+pub struct SyncView {
+    pub resource_code: String,
+    pub file: String,
+    pub via: String,
+    /// Records written by this run.
+    pub records_written: u64,
+    /// Records in the file now (with those of earlier runs it continued).
+    pub records_in_file: u64,
+    /// The resource's record count when this run's snapshot started.
+    pub total_records: u64,
+    /// The resource's latest change when this run's snapshot started: apply events after it (and those
+    /// up to it whose seq is above a record's version).
+    pub head_seq: u64,
+    pub seconds: f64,
+    pub records_per_second: f64,
+    /// This run continued an existing file.
+    pub continued: bool,
+    /// Bytes of a partial last line (left by an interrupted run) that were dropped first.
+    pub dropped_partial_bytes: u64,
+}
+
+impl SyncView {
+    pub fn human(&self) -> String {
+        let mut out = format!(
+            "synced {} records of {} in {:.1} s ({:.0} records/s), head seq {}\n",
+            self.records_written, self.total_records, self.seconds, self.records_per_second, self.head_seq
+        );
+        let _ = write!(out, "{} -> {} ({} records", self.resource_code, self.file, self.records_in_file);
+        if self.continued {
+            let _ = write!(out, "; continued after {} from an earlier run", self.records_in_file - self.records_written);
+        }
+        out.push_str(")\n");
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1291,4 +1668,133 @@ mod tests {
         assert_eq!(json["entries"][0]["result"], "PERMISSION_DENIED");
         assert_eq!(AuditView { entries: vec![], total_entries: 3, truncated: false }.human(), "no matching entries (3 in the log)\n");
     }
+
+    #[test]
+    fn node_status_shows_directory_freshness_subscriptions_and_backlog() {
+        let now = 10_000_000;
+        let base = NodeStatusResponse {
+            department: "tax".into(),
+            node_name: "tax-node".into(),
+            directory_max_staleness_seconds: 300,
+            subscriptions_as_provider: 2,
+            subscriptions_as_consumer: 1,
+            outbox_backlog: 120,
+            inbox_backlog: 5,
+            directory_watch_connected: true,
+            grants_version: 7,
+            ..Default::default()
+        };
+        let text = NodeStatusView::from(base.clone()).human(now);
+        assert!(text.contains("directory state  current (bound 5m)\n"), "{text}");
+        assert!(text.contains("directory watch  connected\n"), "{text}");
+        assert!(text.contains("grants version   7\n"), "{text}");
+        assert!(text.contains("subscriptions    2 as provider, 1 as consumer\n"), "{text}");
+        assert!(text.contains("event backlog    outbox 120 (not yet acknowledged by subscribers), inbox 5 "), "{text}");
+        let aging = NodeStatusResponse { directory_state_age_seconds: 40, directory_watch_connected: false, ..base.clone() };
+        assert!(NodeStatusView::from(aging).human(now).contains("directory state  40s old (bound 5m)\n"));
+        let stale = NodeStatusResponse { directory_state_age_seconds: 400, directory_state_stale: true, ..base };
+        let view = NodeStatusView::from(stale);
+        assert!(view.human(now).contains("directory state  STALE: 6m old (bound 5m): relaying and event delivery are stopped"));
+        let json = serde_json::to_value(&view).unwrap();
+        assert_eq!(json["directory_state_stale"], true);
+        assert_eq!(json["inbox_backlog"], 5);
+        assert_eq!(format_secs(0), "0s");
+        assert_eq!(format_secs(7200), "2h");
+    }
+
+    #[test]
+    fn subscriptions_table_has_both_sides() {
+        use exchange_proto::v1::{ListSubscriptionsResponse, Subscription};
+        let now = 10_000_000;
+        let view = SubscriptionsView::from(ListSubscriptionsResponse {
+            as_consumer: vec![Subscription {
+                resource_code: "101001/000001".into(),
+                provider_code: "commerce".into(),
+                consumer_code: "tax".into(),
+                start_seq: 1,
+                received_upto_seq: 2503,
+                acked_upto_seq: 2000,
+                backlog: 503,
+                connected: true,
+                active: true,
+                last_delivery_unix_ms: now - 3_000,
+                ..Default::default()
+            }],
+            as_provider: vec![Subscription {
+                resource_code: "302001/000001".into(),
+                provider_code: "tax".into(),
+                consumer_code: "quality".into(),
+                received_upto_seq: 10,
+                head_seq: 11,
+                backlog: 1,
+                ended_reason: "grant G00000001 revoked: 核查结束".into(),
+                last_error: "no node of quality could be reached".into(),
+                ..Default::default()
+            }],
+        });
+        let text = view.human(now);
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[0].starts_with("as consumer"), "{text}");
+        assert!(lines[1].starts_with("resource       provider  start  received  acked  head  backlog  connected"), "{text}");
+        assert!(lines[2].starts_with("101001/000001  commerce      1      2503   2000     -      503  yes        3s ago"), "{text}");
+        assert!(lines[2].contains("active"), "{text}");
+        assert!(lines[4].starts_with("as provider"), "{text}");
+        assert!(lines[5].starts_with("resource       consumer"), "{text}");
+        assert!(lines[6].contains("ended: grant G00000001 revoked: 核查结束") && lines[6].ends_with("no node of quality could be reached"), "{text}");
+        let json = serde_json::to_value(&view).unwrap();
+        assert_eq!(json["as_consumer"][0]["backlog"], 503);
+        assert_eq!(json["as_provider"][0]["consumer_code"], "quality");
+        assert_eq!(SubscriptionsView { as_consumer: vec![], as_provider: vec![] }.human(now), "no subscriptions\n");
+    }
+
+    #[test]
+    fn event_lines_and_publish_and_sync_summaries() {
+        use exchange_proto::v1::{Record, RecordChangeKind, RecordEvent};
+        let e = RecordEvent {
+            seq: 2503,
+            kind: RecordChangeKind::Deregistered as i32,
+            record: Some(Record {
+                key: "91350100M000100Y43".into(),
+                items: [("登记状态".to_string(), "注销".to_string())].into(),
+                version: 2503,
+                updated_at_unix_ms: 1,
+            }),
+            published_at_unix_ms: 1_767_225_600_000,
+        };
+        let line = serde_json::to_string(&EventLineView::from(e)).unwrap();
+        assert_eq!(
+            line,
+            r#"{"seq":2503,"kind":"deregistered","key":"91350100M000100Y43","items":{"登记状态":"注销"},"published_at_unix_ms":1767225600000}"#
+        );
+        let p = EventsPublishedView {
+            file: "changes.json".into(),
+            resource_code: "101001/000001".into(),
+            via: "127.0.0.1:7402".into(),
+            kind: "updated".into(),
+            changes: 3,
+            first_seq: 2501,
+            last_seq: 2503,
+            duplicate_batches: 0,
+        };
+        assert_eq!(p.human(), "published 3 changes of 101001/000001 from changes.json via 127.0.0.1:7402: seq 2501-2503\n");
+        let s = SyncView {
+            resource_code: "101001/000001".into(),
+            file: "ent.jsonl".into(),
+            via: "127.0.0.1:7401".into(),
+            records_written: 1501,
+            records_in_file: 2501,
+            total_records: 2501,
+            head_seq: 2503,
+            seconds: 0.74,
+            records_per_second: 2028.4,
+            continued: true,
+            dropped_partial_bytes: 0,
+        };
+        assert_eq!(
+            s.human(),
+            "synced 1501 records of 2501 in 0.7 s (2028 records/s), head seq 2503\n\
+             101001/000001 -> ent.jsonl (2501 records; continued after 1000 from an earlier run)\n"
+        );
+    }
+
 }

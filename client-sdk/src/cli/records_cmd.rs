@@ -1,14 +1,17 @@
-//! `exchangectl records ...`: put records into the department's node, get records through it.
+//! `exchangectl records ...`: put records into the department's node, get records through it, copy a
+//! whole resource through it (sync).
 
 use std::collections::HashMap;
-use std::io::{IsTerminal, Read};
+use std::io::{IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use exchange_proto::v1::Record;
 use serde::Deserialize;
 
 use super::args::RecordsCommand;
-use super::output::{PutView, QueryView};
+use super::output::{PutView, QueryView, SyncView};
+use super::sync_file;
 use super::{annotate_indexed, CliError, Ctx};
 use crate::error::ClientError;
 
@@ -16,16 +19,22 @@ pub(super) async fn run(ctx: &Ctx, cmd: RecordsCommand) -> Result<(), CliError> 
     match cmd {
         RecordsCommand::Put { resource, file } => put(ctx, &resource, &file).await,
         RecordsCommand::Get { resource, keys, purpose } => get(ctx, &resource, &keys, &purpose).await,
+        RecordsCommand::Sync { resource, out, purpose, restart, quiet } => {
+            sync(ctx, &resource, &out, &purpose, restart, quiet).await
+        }
     }
 }
 
-/// One record as written in a file: `{"key": "...", "items": {"名称": "值"}}`.
+/// One record as written in a file: `{"key": "...", "items": {"名称": "值"}}`. A `version` (as `records
+/// sync` writes it) is accepted and ignored: the node gives versions.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RecordLine {
     key: String,
     #[serde(default)]
     items: serde_json::Map<String, serde_json::Value>,
+    #[serde(default, rename = "version")]
+    _version: Option<u64>,
 }
 
 /// Reads records from a JSON array or from JSON lines (chosen by the first character). Item values may be
@@ -69,7 +78,7 @@ pub(super) fn parse_records(text: &str) -> Result<Vec<Record>, String> {
         .collect()
 }
 
-fn read_file(path: &Path) -> Result<String, CliError> {
+pub(super) fn read_file(path: &Path) -> Result<String, CliError> {
     let err = |reason: String| CliError::File { path: path.to_path_buf(), reason };
     if path == Path::new("-") {
         let mut text = String::new();
@@ -85,7 +94,7 @@ async fn put(ctx: &Ctx, resource: &str, file: &Path) -> Result<(), CliError> {
     let records = parse_records(&read_file(file)?).map_err(|reason| CliError::File { path: name.clone(), reason })?;
     let keys: Vec<String> = records.iter().map(|r| r.key.clone()).collect();
     let client = ctx.exchange()?;
-    let progress = progress_bar(ctx, records.len());
+    let progress = progress_bar(ctx, records.len(), "storing");
     let result = client.put_records_with_progress(resource, records, |n| progress.inc(n as u64)).await;
     progress.finish_and_clear();
     let stored = result.map_err(|e| CliError::Client(annotate_with_keys(e, &keys)))?;
@@ -111,17 +120,145 @@ fn annotate_with_keys(mut error: ClientError, keys: &[String]) -> ClientError {
     error
 }
 
+/// `changes[3].record.items[住所]` → `changes[3] (91350100M000100Y43).record.items[住所]` (events publish).
+pub(super) fn annotate_changes(mut error: ClientError, keys: &[String]) -> ClientError {
+    if let ClientError::InvalidArgument { violations, .. } = &mut error {
+        for v in violations {
+            v.field = annotate_indexed(&v.field, "changes", keys);
+        }
+    }
+    error
+}
+
 /// A progress bar on stderr for uploads of more than one batch; hidden for `--json`, for a single batch
 /// and when stderr is not a terminal.
-fn progress_bar(ctx: &Ctx, total: usize) -> indicatif::ProgressBar {
+pub(super) fn progress_bar(ctx: &Ctx, total: usize, verb: &str) -> indicatif::ProgressBar {
     if ctx.out.json || total <= exchange_proto::limits::MAX_BATCH_RECORDS || !std::io::stderr().is_terminal() {
         return indicatif::ProgressBar::hidden();
     }
     let bar = indicatif::ProgressBar::new(total as u64);
-    if let Ok(style) = indicatif::ProgressStyle::with_template("storing {bar:40} {pos}/{len} records ({eta})") {
+    if let Ok(style) = indicatif::ProgressStyle::with_template(&format!("{verb} {{bar:40}} {{pos}}/{{len}} records ({{eta}})")) {
         bar.set_style(style);
     }
     bar
+}
+
+/// The `records sync` progress bar on stderr: count/total, rate and time left. Hidden with --quiet, --json,
+/// or when stderr or stdout is not a terminal (a script or a log).
+fn sync_bar(ctx: &Ctx, quiet: bool, resource: &str) -> indicatif::ProgressBar {
+    if quiet || ctx.out.json || !std::io::stderr().is_terminal() || !std::io::stdout().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::no_length().with_message(resource.to_string());
+    let template = "{msg} {wide_bar} {human_pos}/{human_len} records, {rate}, ETA {eta}";
+    if let Ok(style) = indicatif::ProgressStyle::with_template(template) {
+        let style = style.with_key("rate", |s: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+            let _ = write!(w, "{:.0} records/s", s.per_sec());
+        });
+        bar.set_style(style);
+    }
+    bar
+}
+
+/// What a sync run did, for its summary and for the resume hint.
+struct SyncRun {
+    written: u64,
+    total: u64,
+    head_seq: u64,
+}
+
+/// `records sync`: every record of a resource, through the node, appended to a JSON-lines file; continues
+/// an existing file after its last complete line. Flushed at the end, on an error and on Ctrl-C.
+async fn sync(ctx: &Ctx, resource: &str, out: &Path, purpose: &str, restart: bool, quiet: bool) -> Result<(), CliError> {
+    let file_err = |reason: String| CliError::File { path: out.to_path_buf(), reason };
+    let created = restart || !out.exists();
+    let (file, resume) = sync_file::open(out, restart).map_err(file_err)?;
+    if resume.partial_len > 0 {
+        eprintln!(
+            "note: dropped a partial last line ({} bytes) left in {} by an interrupted run",
+            resume.partial_len,
+            out.display()
+        );
+    }
+    if resume.records > 0 {
+        eprintln!("continuing {}: {} records are in it already", out.display(), resume.records);
+    }
+    let client = ctx.exchange()?;
+    let mut reader = client.snapshot_reader(resource, &resume.last_key, purpose);
+    let mut writer = std::io::BufWriter::with_capacity(1 << 20, file);
+    let bar = sync_bar(ctx, quiet, resource);
+    let started = Instant::now();
+    let mut run = SyncRun { written: 0, total: 0, head_seq: 0 };
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    let outcome: Result<(), CliError> = loop {
+        let page = tokio::select! {
+            _ = &mut ctrl_c => break Err(CliError::Interrupted(String::new())),
+            page = reader.next_page() => page,
+        };
+        let page = match page {
+            Ok(Some(page)) => page,
+            Ok(None) => break Ok(()),
+            Err(e) => break Err(e.into()),
+        };
+        if run.total == 0 && run.head_seq == 0 {
+            run.total = reader.total_records().unwrap_or(0);
+            run.head_seq = reader.head_seq().unwrap_or(0);
+            bar.set_length(run.total.max(resume.records));
+            bar.set_position(resume.records);
+            bar.reset_eta();
+        }
+        let written = page.records.iter().try_for_each(|r| writeln!(writer, "{}", sync_file::record_line(r)));
+        if let Err(e) = written {
+            break Err(file_err(format!("write failed: {e}")));
+        }
+        run.written += page.records.len() as u64;
+        bar.inc(page.records.len() as u64);
+    };
+    let flushed = writer.flush().and_then(|_| writer.get_ref().sync_all());
+    bar.finish_and_clear();
+    let in_file = resume.records + run.written;
+    let resume_hint = format!(
+        "{} records written to {} ({in_file} in it); run the same command again to continue after the last \
+         complete line (--restart starts over)",
+        run.written,
+        out.display()
+    );
+    if let Err(e) = flushed {
+        return Err(file_err(format!("flush failed: {e}; {resume_hint}")));
+    }
+    if let Err(e) = outcome {
+        if in_file == 0 && created {
+            // Nothing to continue: leave no empty file behind.
+            let _ = std::fs::remove_file(out);
+        }
+        return Err(match e {
+            CliError::Interrupted(_) if run.written == 0 => CliError::Interrupted("interrupted before any record was written".into()),
+            CliError::Interrupted(_) => CliError::Interrupted(format!("interrupted: {resume_hint}")),
+            e => {
+                if run.written > 0 {
+                    eprintln!("{resume_hint}");
+                }
+                e
+            }
+        });
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let view = SyncView {
+        resource_code: resource.to_string(),
+        file: out.display().to_string(),
+        via: ctx.global.node_addr().to_string(),
+        records_written: run.written,
+        records_in_file: in_file,
+        total_records: run.total,
+        head_seq: run.head_seq,
+        seconds,
+        records_per_second: if seconds > 0.0 { run.written as f64 / seconds } else { 0.0 },
+        continued: resume.records > 0,
+        dropped_partial_bytes: resume.partial_len,
+    };
+    ctx.out.emit(&view, || view.human());
+    Ok(())
 }
 
 async fn get(ctx: &Ctx, resource: &str, keys: &[String], purpose: &str) -> Result<(), CliError> {

@@ -176,6 +176,7 @@ impl Events {
         if let Some(task) = self.tasks.lock().expect("event tasks").remove(&code) {
             task.abort();
         }
+        self.update_consumer_live(&code, |l| l.connected = false);
         sub.active = false;
         sub.ended_reason = format!("unsubscribed by {}", app.name);
         self.inbox.save(&sub)?;
