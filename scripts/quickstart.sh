@@ -2,8 +2,8 @@
 # Starts a local gov-exchange: a directory and four department nodes (tax, commerce, quality, police) on
 # embedded sled stores, with a freshly generated PKI; publishes the sample catalogs in deploy/local/catalog/,
 # loads the sample records in deploy/local/records/, shows searches, record exchange (unconditional,
-# conditional with a grant, a population record with the identity number masked) and the audit trail, and
-# keeps running until Ctrl-C.
+# conditional with a grant, a population record with the identity number masked), a push subscription
+# with a bulk sync and a deregistration event, and the audit trail, and keeps running until Ctrl-C.
 #
 # State (PKI, configs, stores, logs) goes to $GX_HOME (default ./.quickstart), wiped at each start.
 # Ports: directory $GX_DIRECTORY_PORT (7400), nodes 7401-7404 (override with GX_BASE_PORT).
@@ -148,6 +148,17 @@ sleep 1
 say "The identity number leaves police masked (not granted in full)"
 as tax-app tax records get --resource 102001/000001 11010519491231002X --purpose "个人所得税汇算清缴身份核验"
 
+say "Push: tax subscribes to commerce's enterprise registration, then takes a bulk sync of it"
+as tax-app tax events subscribe --resource 101001/000001
+as tax-app tax records sync --resource 101001/000001 --out "$GX_HOME/tax-enterprises.jsonl" --purpose "纳税人登记信息初始化"
+
+say "Commerce deregisters an enterprise: the change reaches tax's node without tax asking"
+as commerce-app commerce events publish --resource 101001/000001 --kind deregistered \
+  --file "$ROOT/deploy/local/records/commerce-deregistration.json"
+sleep 1
+as tax-app tax events receive --resource 101001/000001
+as commerce-operator commerce events list
+
 say "Commerce's audit trail: every relayed request, keys only as keyed hashes"
 as commerce-operator commerce audit query --limit 10
 as commerce-operator commerce audit verify
@@ -166,6 +177,7 @@ Try, in another shell:
   $CTL --identity tax-app --node 127.0.0.1:${NODE_PORT[tax]} records get --resource 101001/000001 91440300MA5F123452
   $CTL --identity commerce-operator --node 127.0.0.1:${NODE_PORT[commerce]} grants list
   $CTL --identity tax-operator --node 127.0.0.1:${NODE_PORT[tax]} audit query --since 10m
+  $CTL --identity tax-app --node 127.0.0.1:${NODE_PORT[tax]} events receive --resource 101001/000001 --follow
 
 Press Ctrl-C to stop.
 INFO
