@@ -371,7 +371,7 @@ fn quota_rule(consumer: &str, per_second: u32) -> String {
 /// real binaries, the Python example (stock grpcio, stubs generated from proto/), and a quota changed by
 /// editing the config and sending SIGHUP.
 #[test]
-fn records_exchange_through_the_cli_the_python_example_and_a_quota_reload() {
+fn records_exchange_and_push_events_through_the_cli_the_python_example_and_a_quota_reload() {
     let site = Site::new();
     site.init_pki();
     site.write_directory_config("directory", 15);
@@ -479,6 +479,43 @@ fn records_exchange_through_the_cli_the_python_example_and_a_quota_reload() {
     });
     let items = &served["records"][0]["items"];
     assert!(items.get("当事人名称").is_some() && items.get("罚没金额").is_none(), "{served}");
+
+    // Push: tax subscribes, takes a bulk sync to a file, and receives commerce's deregistration event.
+    let (ok, out, err) = at("tax-app", "tax", &["events", "subscribe", "--resource", REGISTRATION]);
+    assert!(ok && out.contains("commerce"), "{out}{err}");
+    let synced = site.path("tax-enterprises.jsonl");
+    let sync = |extra: &[&str]| {
+        let mut args = vec!["records", "sync", "--resource", REGISTRATION, "--out", synced.to_str().unwrap(), "--purpose", "初始化"];
+        args.extend_from_slice(extra);
+        at("tax-app", "tax", &args)
+    };
+    let (ok, out, err) = sync(&[]);
+    assert!(ok && format!("{out}{err}").contains("synced"), "{out}{err}");
+    let full = std::fs::read_to_string(&synced).unwrap();
+    assert_eq!(full.lines().count(), 4, "{full}");
+    // An interrupted sync (two lines and half a third) resumes to the same file.
+    let lines: Vec<&str> = full.lines().collect();
+    std::fs::write(&synced, format!("{}\n{}\n{}", lines[0], lines[1], &lines[2][..lines[2].len() / 2])).unwrap();
+    let (ok, out, err) = sync(&[]);
+    assert!(ok, "{out}{err}");
+    assert_eq!(std::fs::read_to_string(&synced).unwrap(), full, "the resumed sync equals a whole one");
+    let (ok, out, err) = at(
+        "commerce-app",
+        "commerce",
+        &["events", "publish", "--resource", REGISTRATION, "--kind", "deregistered", "--file", records.join("commerce-deregistration.json").to_str().unwrap()],
+    );
+    assert!(ok, "{out}{err}");
+    let event = wait_for("tax's application to receive the deregistration", Duration::from_secs(15), || {
+        let (ok, out, _) = at("tax-app", "tax", &["events", "receive", "--resource", REGISTRATION, "--max", "1"]);
+        (ok && out.contains("deregistered")).then_some(out)
+    });
+    let event: Value = serde_json::from_str(event.lines().next().unwrap()).unwrap();
+    assert_eq!(event["kind"], "deregistered", "{event}");
+    assert_eq!(event["items"]["登记状态"], "注销", "{event}");
+    let subs = at_json("commerce-operator", "commerce", &["events", "list"]);
+    assert!(subs.to_string().contains("\"tax\""), "{subs}");
+    let (ok, out, err) = at("tax-operator", "tax", &["node-status"]);
+    assert!(ok && out.to_lowercase().contains("subscri"), "{out}{err}");
 
     // The quota: edit commerce's config to 1 call per second for quality, SIGHUP, and the second quick call
     // is refused with RESOURCE_EXHAUSTED; no restart.
