@@ -245,16 +245,15 @@ impl Events {
     async fn receive_stream(self: &Arc<Self>, code: &str, backoff: &mut Duration) -> Result<StreamEnd, NodeError> {
         self.fresh()?;
         let Some(sub) = self.inbox.subscription(code)? else { return Ok(StreamEnd::Ended("gone".into())) };
-        let (ack_tx, ack_rx) = mpsc::channel::<EventAck>(64);
-        let _ = ack_tx.try_send(EventAck { resource_code: code.to_string(), received_upto_seq: sub.received_upto_seq });
-        let ack_rx = std::sync::Mutex::new(Some(ack_rx));
+        // Each attempt needs its own acknowledgement channel: a request stream is consumed by its call.
+        let first_ack = EventAck { resource_code: code.to_string(), received_upto_seq: sub.received_upto_seq };
+        let ack_tx = std::sync::Mutex::new(None);
         let opened = self
             .call_provider(code, |mut client| {
-                let rx = ack_rx.lock().expect("ack stream").take();
-                async move {
-                    let Some(rx) = rx else { return Err(Status::unavailable("one stream per attempt")) };
-                    client.stream_events(ReceiverStream::new(rx)).await.map(|r| r.into_inner())
-                }
+                let (tx, rx) = mpsc::channel::<EventAck>(64);
+                let _ = tx.try_send(first_ack.clone());
+                *ack_tx.lock().expect("ack sender") = Some(tx);
+                async move { client.stream_events(ReceiverStream::new(rx)).await.map(|r| r.into_inner()) }
             })
             .await;
         let mut stream = match opened {
@@ -262,6 +261,8 @@ impl Events {
             Err(NodeError::Peer(s)) if ends(&s) => return Ok(StreamEnd::Ended(s.message().to_string())),
             Err(e) => return Err(e),
         };
+        // The stream opened, so the attempt that opened it left its sender.
+        let ack_tx = ack_tx.into_inner().expect("ack sender").expect("an attempt was made");
         self.update_consumer_live(code, |l| {
             l.connected = true;
             l.last_error.clear();

@@ -14,7 +14,7 @@
 //! `0xFF` never occurs in UTF-8, so no resource code starts with it: the log and heads sort after every
 //! record and never mix with them.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -27,8 +27,13 @@ use super::{Applied, RecordStore, RecordStoreError};
 /// sled database.
 pub struct SledRecordStore {
     tree: sled::Tree,
-    /// Seqs are assigned by read-head-then-write: one writer at a time.
+    /// Seqs are assigned by read-head-then-write: one writer at a time. Held from the write until its
+    /// flush, so whoever holds it sees no batch that is not yet durable.
     writer: Mutex<()>,
+    /// Each resource's latest seq that is durable. sled makes a batch visible when it is applied, before
+    /// the flush; an event read between the two could be sent and then lost in a crash, and its seq
+    /// reused for another change. Readers of the log stop here.
+    durable_heads: Mutex<HashMap<String, u64>>,
 }
 
 impl SledRecordStore {
@@ -37,11 +42,25 @@ impl SledRecordStore {
 
     /// Opens (or creates) the `records` tree of the node's database.
     pub fn open(db: &sled::Db) -> Result<Self, RecordStoreError> {
-        Ok(SledRecordStore { tree: db.open_tree(Self::TREE)?, writer: Mutex::new(()) })
+        Ok(SledRecordStore { tree: db.open_tree(Self::TREE)?, writer: Mutex::new(()), durable_heads: Mutex::default() })
     }
 }
 
 impl SledRecordStore {
+    /// The head as stored (possibly not yet flushed): for assigning seqs under the writer's lock.
+    fn stored_head(&self, resource_code: &str) -> Result<u64, RecordStoreError> {
+        Ok(match self.tree.get(head_key(resource_code))? {
+            Some(v) if v.len() == 8 => u64::from_be_bytes(v.as_ref().try_into().expect("8 bytes")),
+            Some(_) => {
+                return Err(RecordStoreError::Corrupt {
+                    resource_code: resource_code.to_string(),
+                    reason: "change log head".into(),
+                })
+            }
+            None => 0,
+        })
+    }
+
     fn apply(
         &self,
         resource_code: &str,
@@ -63,7 +82,7 @@ impl SledRecordStore {
                 }
             }
         }
-        let head = self.head_seq(resource_code)?;
+        let head = self.stored_head(resource_code)?;
         let now = now_unix_ms();
         let first = head + 1;
         let mut batch = sled::Batch::default();
@@ -104,6 +123,7 @@ impl SledRecordStore {
         self.tree.apply_batch(batch)?;
         // Durable before the caller acknowledges it.
         self.tree.flush()?;
+        self.durable_heads.lock().expect("durable heads").insert(resource_code.to_string(), last);
         Ok(Applied { first_seq: first, last_seq: last, duplicate: false })
     }
 
@@ -230,6 +250,9 @@ impl RecordStore for SledRecordStore {
             self.tree.range((std::ops::Bound::Excluded(start), std::ops::Bound::Excluded(end)))
         };
         let mut out = Vec::with_capacity(limit.min(4096));
+        // Under the writer's lock: a snapshot must not show a record whose batch is not yet durable (its
+        // version could be reused after a crash, and a replica would then skip the real change).
+        let _writer = self.writer.lock().expect("record store writer");
         for item in range.take(limit) {
             let (_, v) = item?;
             out.push(Record::decode(v.as_ref()).map_err(|e| RecordStoreError::Corrupt {
@@ -262,16 +285,14 @@ impl RecordStore for SledRecordStore {
 
     fn head_seq(&self, resource_code: &str) -> Result<u64, RecordStoreError> {
         prefix(resource_code)?;
-        Ok(match self.tree.get(head_key(resource_code))? {
-            Some(v) if v.len() == 8 => u64::from_be_bytes(v.as_ref().try_into().expect("8 bytes")),
-            Some(_) => {
-                return Err(RecordStoreError::Corrupt {
-                    resource_code: resource_code.to_string(),
-                    reason: "change log head".into(),
-                })
-            }
-            None => 0,
-        })
+        if let Some(h) = self.durable_heads.lock().expect("durable heads").get(resource_code) {
+            return Ok(*h);
+        }
+        // Not written in this run: what is stored is what survived the last one, so it is durable —
+        // unless a write is applied and not yet flushed right now; the writer's lock rules that out.
+        let _writer = self.writer.lock().expect("record store writer");
+        let head = self.stored_head(resource_code)?;
+        Ok(*self.durable_heads.lock().expect("durable heads").entry(resource_code.to_string()).or_insert(head))
     }
 
     fn events_after(
@@ -353,6 +374,10 @@ pub fn read_log(
         }
         let entry = EventDelivery::decode(v.as_ref()).map_err(|e| LogError::Corrupt(format!("event log entry: {e}")))?;
         for event in entry.events {
+            if event.seq > head {
+                // Beyond the durable head: not to be read yet.
+                return Ok(out);
+            }
             if event.seq >= want {
                 if event.seq != want + out.len() as u64 {
                     return Err(LogError::Corrupt(format!("event log gap before seq {}", event.seq)));
