@@ -83,19 +83,7 @@ impl Federation {
             data.push(node_data);
             nodes.insert(dept, node);
         }
-        let central = client_sdk::client::directory_client(&directory_addr, &pki.identity("central", Role::Operator)).unwrap();
-        for dept in ["commerce", "tax", "quality"] {
-            wait_for(&format!("{dept}'s catalog"), Duration::from_secs(20), || {
-                let mut c = central.clone();
-                async move { (provider_total(&mut c, dept).await > 0).then_some(()) }
-            })
-            .await;
-            wait_for(&format!("{dept} online"), Duration::from_secs(20), || {
-                let mut c = central.clone();
-                async move { node_online(&mut c, dept).await }
-            })
-            .await;
-        }
+        wait_published_and_online(&pki, &directory_addr, &["commerce", "tax", "quality"]).await;
         Federation { pki, _data: data, directory_addr, _directory: directory, nodes }
     }
 

@@ -172,3 +172,20 @@ pub async fn provider_total(directory: &mut DirectoryClient<Channel>, dept: &str
         .unwrap_or(0)
 }
 
+/// Waits until each department's catalog is searchable in the directory and its node is online.
+#[allow(dead_code)]
+pub async fn wait_published_and_online(pki: &Pki, directory_addr: &str, depts: &[&str]) {
+    let central = client_sdk::client::directory_client(directory_addr, &pki.identity("central", Role::Operator)).unwrap();
+    for dept in depts {
+        wait_for(&format!("{dept}'s catalog"), Duration::from_secs(20), || {
+            let mut c = central.clone();
+            async move { (provider_total(&mut c, dept).await > 0).then_some(()) }
+        })
+        .await;
+        wait_for(&format!("{dept} online"), Duration::from_secs(20), || {
+            let mut c = central.clone();
+            async move { node_online(&mut c, dept).await }
+        })
+        .await;
+    }
+}
