@@ -553,7 +553,7 @@ mod tests {
     }
 
     fn open(dir: &std::path::Path) -> Policy {
-        let db = sled::open(dir).unwrap();
+        let db = crate::store::open_db_waiting(std::path::Path::new(&dir), std::time::Duration::from_secs(10)).unwrap();
         Policy::open(&db, "commerce", RevocationSet::default()).unwrap()
     }
 
@@ -608,7 +608,7 @@ mod tests {
             p.apply_revocation(&Revocation { serial_hex: "0A:FF".into(), version: 2, ..Default::default() }).unwrap();
         }
         let revoked = RevocationSet::default();
-        let db = sled::open(dir.path()).unwrap();
+        let db = crate::store::open_db_waiting(std::path::Path::new(&dir.path()), std::time::Duration::from_secs(10)).unwrap();
         let p = Policy::open(&db, "commerce", revoked.clone()).unwrap();
         assert_eq!((p.catalog_version(), p.grants_version(), p.revocations_version()), (8, 4, 2));
         assert!(p.own_entry("101002/000001").is_none(), "only own entries are kept");
@@ -621,7 +621,7 @@ mod tests {
     const FEEDS: [Feed; 3] = [Feed::Catalog, Feed::Grants, Feed::Revocations];
 
     fn open_at(dir: &std::path::Path, now: i64) -> Policy {
-        let db = sled::open(dir).unwrap();
+        let db = crate::store::open_db_waiting(std::path::Path::new(&dir), std::time::Duration::from_secs(10)).unwrap();
         Policy::open_at(&db, "commerce", RevocationSet::default(), now).unwrap()
     }
 

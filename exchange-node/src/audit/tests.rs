@@ -27,7 +27,7 @@ fn record(i: u64, hasher: &KeyHasher) -> AuditRecord {
 /// A log of 10 entries sealed after 5 and after 10, reopened for tampering.
 fn sealed_log() -> (tempfile::TempDir, sled::Db, VerifyingKey) {
     let dir = tempfile::tempdir().unwrap();
-    let db = sled::open(dir.path()).unwrap();
+    let db = crate::store::open_db_waiting(std::path::Path::new(&dir.path()), std::time::Duration::from_secs(10)).unwrap();
     let hasher = KeyHasher::new([7; 32]);
     let log = AuditLog::open(&db, SigningKey::from_bytes(&random_key())).unwrap();
     for i in 1..=10 {
@@ -172,7 +172,7 @@ fn audit_reopening_continues_the_chain() {
 #[test]
 fn audit_verifying_never_creates_trees() {
     let dir = tempfile::tempdir().unwrap();
-    let db = sled::open(dir.path()).unwrap();
+    let db = crate::store::open_db_waiting(std::path::Path::new(&dir.path()), std::time::Duration::from_secs(10)).unwrap();
     let key = SigningKey::from_bytes(&random_key()).verifying_key();
     assert_eq!(verify(&db, &key).unwrap(), Ok(Verified { entries: 0, seals: 0, unsealed: 0 }));
     assert!(!db.tree_names().iter().any(|n| n.as_ref() == ENTRIES_TREE.as_bytes()));
@@ -205,7 +205,7 @@ fn audit_append_writes_what_serde_would() {
 #[test]
 fn audit_format_v1_entries_still_decode_and_verify() {
     let dir = tempfile::tempdir().unwrap();
-    let db = sled::open(dir.path()).unwrap();
+    let db = crate::store::open_db_waiting(std::path::Path::new(&dir.path()), std::time::Duration::from_secs(10)).unwrap();
     let hasher = KeyHasher::new([7; 32]);
     // Two entries exactly as the v1 code wrote them: no "v", no caller/purpose/error.
     let tree = db.open_tree(ENTRIES_TREE).unwrap();
@@ -288,7 +288,7 @@ fn audit_verify_report_intact_and_tampered() {
 #[test]
 fn audit_live_log_reports_on_itself() {
     let dir = tempfile::tempdir().unwrap();
-    let db = sled::open(dir.path()).unwrap();
+    let db = crate::store::open_db_waiting(std::path::Path::new(&dir.path()), std::time::Duration::from_secs(10)).unwrap();
     let log = AuditLog::open(&db, SigningKey::from_bytes(&random_key())).unwrap();
     let hasher = KeyHasher::new([7; 32]);
     for i in 1..=3 {
@@ -309,7 +309,7 @@ const K3: &str = "110105194912310048";
 /// This node is `tax`. Five entries, one a second (request_in at 1 000 ms, 2 000 ms, …).
 fn varied_log() -> (tempfile::TempDir, sled::Db, Arc<AuditLog>, KeyHasher) {
     let dir = tempfile::tempdir().unwrap();
-    let db = sled::open(dir.path()).unwrap();
+    let db = crate::store::open_db_waiting(std::path::Path::new(&dir.path()), std::time::Duration::from_secs(10)).unwrap();
     let log = Arc::new(AuditLog::open(&db, SigningKey::from_bytes(&random_key())).unwrap());
     let h = KeyHasher::new([9; 32]);
     type Row<'a> = (Side, &'a str, &'a str, &'a str, &'a [&'a str], i32);
@@ -394,7 +394,7 @@ fn audit_query_limit_and_truncation() {
 #[test]
 fn audit_query_default_limit_is_100() {
     let dir = tempfile::tempdir().unwrap();
-    let db = sled::open(dir.path()).unwrap();
+    let db = crate::store::open_db_waiting(std::path::Path::new(&dir.path()), std::time::Duration::from_secs(10)).unwrap();
     let log = AuditLog::open(&db, SigningKey::from_bytes(&random_key())).unwrap();
     let h = KeyHasher::new([9; 32]);
     for i in 1..=150 {
@@ -531,7 +531,7 @@ fn seal_count(log: &AuditLog) -> usize {
 #[tokio::test]
 async fn audit_sealer_seals_on_shutdown() {
     let dir = tempfile::tempdir().unwrap();
-    let db = sled::open(dir.path()).unwrap();
+    let db = crate::store::open_db_waiting(std::path::Path::new(&dir.path()), std::time::Duration::from_secs(10)).unwrap();
     let log = Arc::new(AuditLog::open(&db, SigningKey::from_bytes(&random_key())).unwrap());
     let (tx, rx) = watch::channel(false);
     let sealer = spawn_sealer(log.clone(), Duration::from_secs(3600), rx);
@@ -557,7 +557,7 @@ async fn audit_sealer_seals_on_shutdown() {
 #[tokio::test]
 async fn audit_sealer_seals_periodically_only_when_needed() {
     let dir = tempfile::tempdir().unwrap();
-    let db = sled::open(dir.path()).unwrap();
+    let db = crate::store::open_db_waiting(std::path::Path::new(&dir.path()), std::time::Duration::from_secs(10)).unwrap();
     let log = Arc::new(AuditLog::open(&db, SigningKey::from_bytes(&random_key())).unwrap());
     let (tx, rx) = watch::channel(false);
     let sealer = spawn_sealer(log.clone(), Duration::from_millis(20), rx);
@@ -663,7 +663,7 @@ fn audit_verify_command_names_the_tampered_entry() {
 #[ignore = "micro-benchmark; run in release"]
 fn audit_append_rate() {
     let dir = tempfile::tempdir().unwrap();
-    let db = sled::open(dir.path()).unwrap();
+    let db = crate::store::open_db_waiting(std::path::Path::new(&dir.path()), std::time::Duration::from_secs(10)).unwrap();
     let log = Arc::new(AuditLog::open(&db, SigningKey::from_bytes(&random_key())).unwrap());
     let hasher = KeyHasher::new([7; 32]);
     const N: u64 = 100_000;

@@ -89,13 +89,17 @@ impl Events {
 
     /// Ends a subscription for `reason` (kept, inactive, so the consumer learns why).
     pub(crate) fn end_subscription(&self, consumer: &str, resource_code: &str, reason: &str) -> Result<(), NodeError> {
-        if let Some(mut sub) = self.outbox.get(consumer, resource_code)? {
+        let mut ended = false;
+        self.outbox.update(consumer, resource_code, true, |sub| {
+            ended = sub.active;
             if sub.active {
                 sub.active = false;
                 sub.ended_reason = reason.to_string();
-                self.outbox.put(&sub, true)?;
-                tracing::info!(consumer, resource = %resource_code, reason, "subscription ended");
             }
+            ended
+        })?;
+        if ended {
+            tracing::info!(consumer, resource = %resource_code, reason, "subscription ended");
         }
         Ok(())
     }
@@ -245,18 +249,20 @@ impl Events {
     }
 
     async fn record_ack(&self, consumer: &str, resource_code: &str, upto: u64) {
-        let result = (|| -> Result<bool, NodeError> {
-            let Some(mut sub) = self.outbox.get(consumer, resource_code)? else { return Ok(false) };
-            if upto <= sub.received_upto_seq {
-                return Ok(false);
-            }
-            sub.received_upto_seq = upto;
-            sub.last_delivery_unix_ms = now_unix_ms();
-            // Not flushed: an acknowledgement lost in a crash only means events are sent again, and the
-            // consumer drops them.
-            self.outbox.put(&sub, false)?;
-            Ok(true)
-        })();
+        let mut moved = false;
+        // Not flushed: an acknowledgement lost in a crash only means events are sent again, and the
+        // consumer drops them.
+        let result = self
+            .outbox
+            .update(consumer, resource_code, false, |sub| {
+                moved = upto > sub.received_upto_seq;
+                if moved {
+                    sub.received_upto_seq = upto;
+                    sub.last_delivery_unix_ms = now_unix_ms();
+                }
+                moved
+            })
+            .map(|_| moved);
         match result {
             Ok(true) => self.trim_outbox(resource_code).await,
             Ok(false) => {}

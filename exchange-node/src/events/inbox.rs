@@ -21,6 +21,9 @@ const TREE: &str = "inbox";
 
 pub struct Inbox {
     tree: sled::Tree,
+    /// Every change of a subscription record is read-modify-write; the delivery task (append) and the
+    /// application (ack) would otherwise overwrite each other's positions.
+    writer: std::sync::Mutex<()>,
 }
 
 fn sub_key(resource_code: &str) -> Vec<u8> {
@@ -50,7 +53,7 @@ pub enum Appended {
 
 impl Inbox {
     pub fn open(db: &sled::Db) -> Result<Self, NodeError> {
-        Ok(Inbox { tree: db.open_tree(TREE)? })
+        Ok(Inbox { tree: db.open_tree(TREE)?, writer: std::sync::Mutex::new(()) })
     }
 
     pub fn subscription(&self, resource_code: &str) -> Result<Option<Subscription>, NodeError> {
@@ -72,6 +75,7 @@ impl Inbox {
     /// Stores a (new or re-made) subscription, dropping what an earlier subscription to the resource
     /// left in the inbox: its seqs would not continue the new one's. Durable before it returns.
     pub fn start(&self, sub: &Subscription) -> Result<(), NodeError> {
+        let _writer = self.writer.lock().expect("inbox writer");
         let mut batch = sled::Batch::default();
         for key in self.tree.scan_prefix(log_prefix(&sub.resource_code)).keys() {
             batch.remove(key?);
@@ -82,16 +86,21 @@ impl Inbox {
         Ok(())
     }
 
-    /// Saves the subscription's state (ended, errors). Durable before it returns.
-    pub fn save(&self, sub: &Subscription) -> Result<(), NodeError> {
-        self.tree.insert(sub_key(&sub.resource_code), sub.encode_to_vec())?;
+    /// Marks the subscription ended for `reason`; returns it as it is now. Durable before it returns.
+    pub fn end(&self, resource_code: &str, reason: &str) -> Result<Option<Subscription>, NodeError> {
+        let _writer = self.writer.lock().expect("inbox writer");
+        let Some(mut sub) = self.subscription(resource_code)? else { return Ok(None) };
+        sub.active = false;
+        sub.ended_reason = reason.to_string();
+        self.tree.insert(sub_key(resource_code), sub.encode_to_vec())?;
         self.tree.flush()?;
-        Ok(())
+        Ok(Some(sub))
     }
 
     /// Appends delivered events: drops those already here, refuses a gap, and stores the rest with the
     /// new high-water mark in one atomic write, durable before it returns (the provider is then told).
     pub fn append(&self, resource_code: &str, mut events: Vec<RecordEvent>, now_unix_ms: i64) -> Result<Appended, NodeError> {
+        let _writer = self.writer.lock().expect("inbox writer");
         let Some(mut sub) = self.subscription(resource_code)? else {
             return Err(NodeError::NotFound(format!("no subscription to {resource_code}")));
         };
@@ -142,6 +151,7 @@ impl Inbox {
 
     /// The application has processed every event up to `upto_seq`: keep that and drop them.
     pub fn ack(&self, resource_code: &str, upto_seq: u64) -> Result<u64, NodeError> {
+        let _writer = self.writer.lock().expect("inbox writer");
         let Some(mut sub) = self.subscription(resource_code)? else {
             return Err(NodeError::NotFound(format!("this node has no subscription to {resource_code}")));
         };
@@ -193,7 +203,7 @@ mod tests {
     #[test]
     fn duplicates_are_dropped_gaps_refused_and_acks_trim() {
         let dir = tempfile::tempdir().unwrap();
-        let db = sled::open(dir.path()).unwrap();
+        let db = crate::store::open_db_waiting(dir.path(), std::time::Duration::from_secs(10)).unwrap();
         let inbox = Inbox::open(&db).unwrap();
         let code = "101001/000001";
         inbox.start(&sub(code, 10)).unwrap();
@@ -223,12 +233,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let code = "101001/000001";
         {
-            let db = sled::open(dir.path()).unwrap();
+            let db = crate::store::open_db_waiting(dir.path(), std::time::Duration::from_secs(10)).unwrap();
             let inbox = Inbox::open(&db).unwrap();
             inbox.start(&sub(code, 0)).unwrap();
             inbox.append(code, events(1, 5), 1).unwrap();
         }
-        let db = sled::open(dir.path()).unwrap();
+        let db = crate::store::open_db_waiting(dir.path(), std::time::Duration::from_secs(10)).unwrap();
         let inbox = Inbox::open(&db).unwrap();
         let s = inbox.subscription(code).unwrap().unwrap();
         assert_eq!(s.received_upto_seq, 5);

@@ -27,6 +27,9 @@ pub struct Live {
 
 pub struct Outbox {
     tree: sled::Tree,
+    /// Subscription records are read-modify-write (acknowledgements, ends): one at a time, or an
+    /// acknowledgement could bring an ended subscription back.
+    writer: Mutex<()>,
     /// Resource → its latest seq, so open streams wake when something is published.
     heads: Mutex<HashMap<String, watch::Sender<u64>>>,
     live: Mutex<HashMap<(String, String), Live>>,
@@ -46,7 +49,7 @@ fn corrupt(e: impl std::fmt::Display) -> NodeError {
 
 impl Outbox {
     pub fn open(db: &sled::Db) -> Result<Self, NodeError> {
-        Ok(Outbox { tree: db.open_tree(TREE)?, heads: Mutex::default(), live: Mutex::default() })
+        Ok(Outbox { tree: db.open_tree(TREE)?, writer: Mutex::new(()), heads: Mutex::default(), live: Mutex::default() })
     }
 
     pub fn get(&self, consumer: &str, resource_code: &str) -> Result<Option<Subscription>, NodeError> {
@@ -59,11 +62,32 @@ impl Outbox {
     /// Saves a subscription; with `durable`, flushed before it returns (a new subscription: the outbox
     /// must keep events for it from its start on, across a crash).
     pub fn put(&self, sub: &Subscription, durable: bool) -> Result<(), NodeError> {
+        let _writer = self.writer.lock().expect("outbox writer");
         self.tree.insert(key(&sub.consumer_code, &sub.resource_code), sub.encode_to_vec())?;
         if durable {
             self.tree.flush()?;
         }
         Ok(())
+    }
+
+    /// Changes a subscription in place; `change` says whether it changed anything. Returns the
+    /// subscription as it is now.
+    pub fn update(
+        &self,
+        consumer: &str,
+        resource_code: &str,
+        durable: bool,
+        change: impl FnOnce(&mut Subscription) -> bool,
+    ) -> Result<Option<Subscription>, NodeError> {
+        let _writer = self.writer.lock().expect("outbox writer");
+        let Some(mut sub) = self.get(consumer, resource_code)? else { return Ok(None) };
+        if change(&mut sub) {
+            self.tree.insert(key(consumer, resource_code), sub.encode_to_vec())?;
+            if durable {
+                self.tree.flush()?;
+            }
+        }
+        Ok(Some(sub))
     }
 
     pub fn all(&self) -> Result<Vec<Subscription>, NodeError> {

@@ -177,9 +177,9 @@ impl Events {
             task.abort();
         }
         self.update_consumer_live(&code, |l| l.connected = false);
-        sub.active = false;
-        sub.ended_reason = format!("unsubscribed by {}", app.name);
-        self.inbox.save(&sub)?;
+        if let Some(ended) = self.inbox.end(&code, &format!("unsubscribed by {}", app.name))? {
+            sub = ended;
+        }
         self.notify_received(&code, sub.received_upto_seq);
         tracing::info!(caller = %app, resource = %code, "unsubscribed");
         Ok(UnsubscribeResponse { existed: true })
@@ -231,10 +231,7 @@ impl Events {
     }
 
     fn end_local(&self, code: &str, reason: &str) -> Result<(), NodeError> {
-        if let Some(mut sub) = self.inbox.subscription(code)? {
-            sub.active = false;
-            sub.ended_reason = reason.to_string();
-            self.inbox.save(&sub)?;
+        if let Some(sub) = self.inbox.end(code, reason)? {
             self.notify_received(code, sub.received_upto_seq);
             tracing::info!(resource = %code, reason, "subscription ended by the provider");
         }

@@ -456,7 +456,7 @@ mod tests {
     #[test]
     fn put_and_get_round_trip_in_request_order() {
         let dir = tempfile::tempdir().unwrap();
-        let db = sled::open(dir.path()).unwrap();
+        let db = crate::store::open_db_waiting(dir.path(), std::time::Duration::from_secs(10)).unwrap();
         let store = SledRecordStore::open(&db).unwrap();
         let second = uscc("91110105MA0000001");
         let before = now_unix_ms();
@@ -489,12 +489,12 @@ mod tests {
     fn records_survive_reopening_the_database() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let db = sled::open(dir.path()).unwrap();
+            let db = crate::store::open_db_waiting(dir.path(), std::time::Duration::from_secs(10)).unwrap();
             let store = SledRecordStore::open(&db).unwrap();
             store.put_batch("101001/000001", vec![record(VALID_USCC, "甲公司")]).unwrap();
             // No explicit flush and no clean shutdown: put_batch already made it durable.
         }
-        let db = sled::open(dir.path()).unwrap();
+        let db = crate::store::open_db_waiting(dir.path(), std::time::Duration::from_secs(10)).unwrap();
         let store = SledRecordStore::open(&db).unwrap();
         let got = store.get_many("101001/000001", &[VALID_USCC.to_string()]).unwrap();
         assert_eq!(got[0].as_ref().unwrap().items["企业名称"], "甲公司");
@@ -504,7 +504,7 @@ mod tests {
     #[test]
     fn resources_are_kept_apart_and_counted_exactly() {
         let dir = tempfile::tempdir().unwrap();
-        let db = sled::open(dir.path()).unwrap();
+        let db = crate::store::open_db_waiting(dir.path(), std::time::Duration::from_secs(10)).unwrap();
         let store = SledRecordStore::open(&db).unwrap();
         // Two codes where one is a byte prefix of the other; and a record key that starts like a code.
         store.put_batch("101001/000001", vec![record("A", "a"), record("B", "b")]).unwrap();
@@ -524,7 +524,7 @@ mod tests {
     #[test]
     fn unusable_resource_codes_are_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let db = sled::open(dir.path()).unwrap();
+        let db = crate::store::open_db_waiting(dir.path(), std::time::Duration::from_secs(10)).unwrap();
         let store = SledRecordStore::open(&db).unwrap();
         for code in ["", "101001\0/000001"] {
             assert!(matches!(
@@ -540,7 +540,7 @@ mod tests {
     #[test]
     fn every_write_is_a_change_event_with_its_seq_as_the_records_version() {
         let dir = tempfile::tempdir().unwrap();
-        let db = sled::open(dir.path()).unwrap();
+        let db = crate::store::open_db_waiting(dir.path(), std::time::Duration::from_secs(10)).unwrap();
         let store = SledRecordStore::open(&db).unwrap();
         let code = "101001/000001";
         assert_eq!(store.head_seq(code).unwrap(), 0);
@@ -583,7 +583,7 @@ mod tests {
     #[test]
     fn trimming_drops_whole_entries_up_to_the_seq_and_later_reads_say_so() {
         let dir = tempfile::tempdir().unwrap();
-        let db = sled::open(dir.path()).unwrap();
+        let db = crate::store::open_db_waiting(dir.path(), std::time::Duration::from_secs(10)).unwrap();
         let store = SledRecordStore::open(&db).unwrap();
         let code = "101001/000001";
         store.put_batch(code, vec![record("A", "1"), record("B", "2")]).unwrap(); // 1-2
@@ -607,11 +607,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let code = "101001/000001";
         {
-            let db = sled::open(dir.path()).unwrap();
+            let db = crate::store::open_db_waiting(dir.path(), std::time::Duration::from_secs(10)).unwrap();
             let store = SledRecordStore::open(&db).unwrap();
             store.put_batch(code, vec![record("A", "1"), record("B", "2")]).unwrap();
         }
-        let db = sled::open(dir.path()).unwrap();
+        let db = crate::store::open_db_waiting(dir.path(), std::time::Duration::from_secs(10)).unwrap();
         let store = SledRecordStore::open(&db).unwrap();
         assert_eq!(store.head_seq(code).unwrap(), 2);
         assert_eq!(store.events_after(code, 0, 10).unwrap().len(), 2);
@@ -621,7 +621,7 @@ mod tests {
     #[test]
     fn a_batch_id_is_applied_once_and_forgotten_after_pruning() {
         let dir = tempfile::tempdir().unwrap();
-        let db = sled::open(dir.path()).unwrap();
+        let db = crate::store::open_db_waiting(dir.path(), std::time::Duration::from_secs(10)).unwrap();
         let store = SledRecordStore::open(&db).unwrap();
         let code = "101001/000001";
         let changes = || vec![(record("A", "1"), RecordChangeKind::Unspecified), (record("B", "2"), RecordChangeKind::Unspecified)];
