@@ -18,6 +18,8 @@ use crate::error::NodeError;
 use crate::records::sled::{log_entry_key, read_log, trim_log, LogError};
 
 const TREE: &str = "inbox";
+/// Most events in one inbox entry.
+const ENTRY_EVENTS: usize = 500;
 
 pub struct Inbox {
     tree: sled::Tree,
@@ -126,10 +128,17 @@ impl Inbox {
         sub.received_upto_seq = last;
         sub.last_delivery_unix_ms = now_unix_ms;
         let mut batch = sled::Batch::default();
-        batch.insert(
-            log_entry_key(&log_prefix(resource_code), first),
-            EventDelivery { events, ended_reason: String::new() }.encode_to_vec(),
-        );
+        // Entries of at most ENTRY_EVENTS, as in the provider's change log (sled holds large values in
+        // memory past its cache).
+        let prefix = log_prefix(resource_code);
+        let mut entry_first = first;
+        let mut events = events.into_iter().peekable();
+        while events.peek().is_some() {
+            let chunk: Vec<RecordEvent> = events.by_ref().take(ENTRY_EVENTS).collect();
+            let n = chunk.len() as u64;
+            batch.insert(log_entry_key(&prefix, entry_first), EventDelivery { events: chunk, ended_reason: String::new() }.encode_to_vec());
+            entry_first += n;
+        }
         batch.insert(sub_key(resource_code), sub.encode_to_vec());
         self.tree.apply_batch(batch)?;
         self.tree.flush()?;
