@@ -13,6 +13,7 @@
 //! - [`relay_parts`]: the node's per-call relay steps timed one by one (where a relayed query's time goes).
 
 pub mod echo;
+pub mod events_bench;
 pub mod federation;
 pub mod forwarder;
 pub mod load;

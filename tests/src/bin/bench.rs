@@ -7,7 +7,14 @@
 //! cargo run --release -p e2e-tests --bin bench -- --only catalog   # echo, publish, search, restart
 //! cargo run --release -p e2e-tests --bin bench -- --only relay     # record relay vs a bare forwarder
 //! cargo run --release -p e2e-tests --bin bench -- --only relay-steps --seconds 5   # relay cost breakdown
+//! cargo run --release -p e2e-tests --bin bench -- --only events    # sustained event delivery, node to node
+//! cargo run --release -p e2e-tests --bin bench -- --only sync      # bulk sync of 1,000,000 records
+//! cargo build --release -p exchange-node --bins && \
+//!   cargo run --release -p e2e-tests --bin bench -- --only backlog # provider memory, 1,000,000-event backlog
 //! ```
+//!
+//! The three event sections (issue 4, `e2e_tests::events_bench`) are not in the default run: they take
+//! minutes each and write gigabytes.
 //!
 //! Everything runs in this process over real mutual TLS on 127.0.0.1 (client and servers share the cores,
 //! as they would on a single test box), with sled in a temporary directory.
@@ -22,6 +29,7 @@ use std::time::{Duration, Instant};
 use clap::{Parser, ValueEnum};
 use client_sdk::identity::Role;
 use client_sdk::tls::{self, TlsIdentity};
+use e2e_tests::events_bench;
 use e2e_tests::federation;
 use e2e_tests::forwarder::{self, Backend, ForwarderPair, Steps};
 use e2e_tests::load::{self, LoadStats, OpenLoopStats};
@@ -70,6 +78,38 @@ struct Args {
     /// Offered load (queries/s, open loop) for the latency phase of `--only relay-steps`.
     #[arg(long, default_value_t = 2_000.0)]
     steps_rate: f64,
+    /// Events published in `--only events`.
+    #[arg(long, default_value_t = 300_000)]
+    events: usize,
+    /// Records per PublishEvents call in the event sections (and per batch of their sled baselines).
+    #[arg(long, default_value_t = 5_000)]
+    event_batch: usize,
+    /// Concurrent publishers (one connection each) in the event sections.
+    #[arg(long, default_value_t = 2)]
+    publishers: usize,
+    /// Records loaded into commerce and bulk-synced by tax in `--only sync`.
+    #[arg(long, default_value_t = 1_000_000)]
+    sync_records: usize,
+    /// Unacknowledged events published in `--only backlog`.
+    #[arg(long, default_value_t = 1_000_000)]
+    backlog_events: usize,
+    /// In the event sections, the application acknowledges at most this often (ms; 0 = after every
+    /// message it receives). Acks racing with inbox writes can end a subscription (docs/BENCHMARKS.md).
+    #[arg(long, default_value_t = 1_000)]
+    ack_every_ms: u64,
+    /// Internal (`--only sled-memory`): what the memory baseline writes (records, records-log, store).
+    #[arg(long, hide = true, default_value = "records")]
+    memory_mode: String,
+    /// Internal (`--only sled-memory`): the database folder.
+    #[arg(long, hide = true)]
+    memory_dir: Option<std::path::PathBuf>,
+    /// Experiment (`--only sled-memory --memory-mode records-log`): log values of this many records
+    /// (0: one value per batch, as the node writes).
+    #[arg(long, hide = true, default_value_t = 0)]
+    memory_log_chunk: usize,
+    /// Experiment (`--only sled-memory`): sled cache capacity in MB instead of the node's.
+    #[arg(long, hide = true)]
+    memory_cache_mb: Option<u64>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -81,6 +121,16 @@ enum Section {
     /// Not in the default run: the relay's per-call steps added one at a time to the bare forwarder
     /// (where the relay's time goes, end to end).
     RelaySteps,
+    /// Not in the default run: sustained event delivery node to node with durability on (issue 4).
+    Events,
+    /// Not in the default run: bulk sync of `--sync-records` records through both nodes (issue 4).
+    Sync,
+    /// Not in the default run: the provider node's memory (a separate process) with a
+    /// `--backlog-events` backlog, then the drain (issue 4). Needs `target/release/exchange-node`.
+    Backlog,
+    /// Internal: the memory baseline `--only backlog` runs in a child process of its own.
+    #[value(hide = true)]
+    SledMemory,
 }
 
 struct Row {
@@ -218,6 +268,14 @@ fn search_request(i: u64, queries: &[String]) -> SearchCatalogRequest {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if args.only == Some(Section::SledMemory) {
+        // A child of `--only backlog`: nothing else in this process, so its peak RSS is the baseline's.
+        let mode = events_bench::MemoryMode::parse(&args.memory_mode)
+            .ok_or_else(|| anyhow::anyhow!("--memory-mode: records, records-log or store"))?;
+        let dir = args.memory_dir.clone().ok_or_else(|| anyhow::anyhow!("--memory-dir is required"))?;
+        let cache = args.memory_cache_mb.map(|mb| mb * 1024 * 1024);
+        return events_bench::sled_memory_child(&dir, mode, args.backlog_events, args.event_batch, args.memory_log_chunk, cache);
+    }
     tls::install_crypto_provider();
     let tmp = tempfile::tempdir()?;
     let pki = TestPki::new(&tmp.path().join("pki"));
@@ -231,6 +289,28 @@ async fn main() -> anyhow::Result<()> {
     }
     if args.only == Some(Section::RelaySteps) {
         relay_steps_section(&args, &pki, tmp.path(), &mut rows).await?;
+    }
+    if let Some(section @ (Section::Events | Section::Sync | Section::Backlog)) = args.only {
+        let options = events_bench::Options {
+            events: args.events,
+            batch: args.event_batch,
+            publishers: args.publishers,
+            sync_records: args.sync_records,
+            backlog_events: args.backlog_events,
+            ack_every: Duration::from_millis(args.ack_every_ms),
+        };
+        let figures = match section {
+            Section::Events => events_bench::events(&pki, tmp.path(), &options).await?,
+            Section::Sync => events_bench::sync(&pki, tmp.path(), &options).await?,
+            _ => events_bench::backlog(&pki, tmp.path(), &options).await?,
+        };
+        rows.extend(figures.into_iter().map(|f| Row {
+            figure: f.figure,
+            value: f.value,
+            baseline: f.baseline,
+            ratio: f.ratio,
+            target: f.target,
+        }));
     }
 
     println!("\n| figure | measured | baseline (same run) | ratio | target |\n|---|---|---|---|---|");
@@ -505,7 +585,7 @@ async fn relay_section(args: &Args, pki: &TestPki, tmp: &std::path::Path, rows: 
     let mut loader = client_sdk::client::node_client(&commerce.addr, &commerce_app)?;
     let load_started = Instant::now();
     for (b, batch) in records.chunks(1_000).enumerate() {
-        let req = PutRecordsRequest { resource_code: RELAY_RESOURCE.into(), records: batch.to_vec() };
+        let req = PutRecordsRequest { resource_code: RELAY_RESOURCE.into(), records: batch.to_vec(), ..Default::default() };
         if b == 0 {
             // The node may not hold its own catalog entry yet; it asks the directory, which may lag.
             federation::wait_for("commerce's node to accept records", Duration::from_secs(30), || {
