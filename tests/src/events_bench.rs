@@ -136,7 +136,8 @@ impl RecordGen {
 pub enum MemoryMode {
     /// Raw sled: the records, one `apply_batch` + flush per batch.
     Records,
-    /// Raw sled: the records and each batch written again as one value (the change log's size).
+    /// Raw sled: the records, and written again as values of 500 records (the change log's size and
+    /// value size).
     RecordsAndLog,
     /// The node's record store (`SledRecordStore::apply_changes`), no gRPC.
     Store,
@@ -160,8 +161,8 @@ impl MemoryMode {
 /// written in batches of `batch` into a sled database opened as the node opens it (64 MB cache), records
 /// generated a batch at a time; prints `peak_rss_kb=… rss_kb=… secs=…` for the parent.
 ///
-/// Experiment knobs (not used by the parent): `log_chunk` > 0 writes the log value of a batch as several
-/// values of that many records; `cache_bytes` replaces the node's cache capacity.
+/// `log_chunk` > 0 writes a batch's log as values of that many records (the parent passes 500, as the
+/// node writes them; 0 is one value per batch); `cache_bytes` replaces the node's cache capacity.
 pub fn sled_memory_child(
     dir: &Path,
     mode: MemoryMode,
@@ -236,6 +237,8 @@ pub fn sled_memory_baseline(dir: &Path, mode: MemoryMode, n: usize, batch: usize
         .args(["--only", "sled-memory", "--memory-mode", mode.name(), "--memory-dir"])
         .arg(dir)
         .args(["--backlog-events", &n.to_string(), "--event-batch", &batch.to_string()])
+        // The log's values as the node writes them: at most 500 events each.
+        .args(["--memory-log-chunk", "500"])
         .stderr(std::process::Stdio::inherit())
         .output()?;
     let _ = std::fs::remove_dir_all(dir);
@@ -354,6 +357,21 @@ pub fn raw_sled_scan(db_path: &Path) -> anyhow::Result<(u64, Duration)> {
         let (_, v) = item?;
         let r = Record::decode(v.as_ref())?;
         std::hint::black_box(&r);
+        n += 1;
+    }
+    Ok((n, started.elapsed()))
+}
+
+/// Counts the records of [`RESOURCE`] in a node's sled database by walking their keys; (count, time).
+pub fn raw_sled_count(db_path: &Path) -> anyhow::Result<(u64, Duration)> {
+    let db = exchange_node::store::open_db_waiting(db_path, Duration::from_secs(10))?;
+    let tree = db.open_tree(SledRecordStore::TREE)?;
+    let mut prefix = RESOURCE.as_bytes().to_vec();
+    prefix.push(0);
+    let started = Instant::now();
+    let mut n = 0u64;
+    for key in tree.scan_prefix(&prefix).keys() {
+        key?;
         n += 1;
     }
     Ok((n, started.elapsed()))
@@ -607,8 +625,8 @@ pub async fn receive_until(
     };
     let (ack_tx, mut ack_rx) = watch::channel(0u64);
     let mut acker = client.clone();
-    // A refused acknowledgement is counted and reported, not fatal: the node's inbox can refuse an ack
-    // of events it has just handed out when an ack and an inbox write race (see docs/BENCHMARKS.md); the
+    // A refused acknowledgement is counted and reported, not fatal (before 3586614 an ack racing with an
+    // inbox write could be refused for events the node had just handed out; see docs/BENCHMARKS.md); the
     // next acknowledgement covers it. The last one is retried until it is accepted.
     let ack_task = tokio::spawn(async move {
         let mut acks = 0u64;
@@ -1044,6 +1062,10 @@ pub async fn sync(pki: &TestPki, tmp: &Path, o: &Options) -> anyhow::Result<Vec<
     anyhow::ensure!(scanned == m as u64, "raw scan found {scanned} records");
     let scan_rate = rate(m, scan_time);
     println!("baseline: commerce's sled data scanned raw and decoded, one thread: {m} records in {} ({scan_rate:.0} records/s)", secs(scan_time));
+    // What the snapshot's header costs before its first page: the node counts the resource's records
+    // by walking their keys (sled keeps no count).
+    let (counted, count_time) = raw_sled_count(&tmp.join("sync-commerce").join("node.sled"))?;
+    println!("the same data's keys walked to count them (as FetchSnapshot's header does): {counted} in {}", secs(count_time));
 
     let mut out = Vec::new();
     for (i, t) in runs.iter().enumerate() {
@@ -1303,7 +1325,7 @@ pub async fn backlog(pki: &TestPki, tmp: &Path, o: &Options) -> anyhow::Result<V
     for (mode, kb) in memory {
         let what = match mode {
             MemoryMode::Records => "raw sled, the records only (batch+flush)",
-            MemoryMode::RecordsAndLog => "raw sled, records + each batch again as one log value",
+            MemoryMode::RecordsAndLog => "raw sled, records + written again as log values of 500",
             MemoryMode::Store => "the node's record store alone (apply_changes, no gRPC)",
         };
         figures.push(fig(format!("memory baseline: {what}, {n} records, own process, peak RSS"), mb(kb), "", "", ""));

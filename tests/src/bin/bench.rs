@@ -94,7 +94,7 @@ struct Args {
     #[arg(long, default_value_t = 1_000_000)]
     backlog_events: usize,
     /// In the event sections, the application acknowledges at most this often (ms; 0 = after every
-    /// message it receives). Acks racing with inbox writes can end a subscription (docs/BENCHMARKS.md).
+    /// message it receives, as exchange-node/tests/events.rs does).
     #[arg(long, default_value_t = 1_000)]
     ack_every_ms: u64,
     /// Internal (`--only sled-memory`): what the memory baseline writes (records, records-log, store).
