@@ -104,6 +104,18 @@ impl Exchange {
         }
     }
 
+    /// The provider's quota for `consumer` on `resource_code` (RESOURCE_EXHAUSTED with when to retry).
+    pub fn check_quota(&self, consumer: &str, resource_code: &str) -> Result<(), NodeError> {
+        self.quotas.check(consumer, resource_code).map_err(|wait| NodeError::ResourceExhausted {
+            message: format!(
+                "department {consumer} has used its quota for resource {resource_code} at department {}; retry in {} ms",
+                self.me.department,
+                wait.as_millis() + 1
+            ),
+            retry_after: wait,
+        })
+    }
+
     /// The audit entry of a call that arrived now; the relay fills in the rest as it goes.
     #[allow(clippy::too_many_arguments)]
     pub fn open_audit(
@@ -252,18 +264,7 @@ impl RelayService {
         x.policy.check_fresh(now_unix_ms())?;
         let entry = x.own_entry(&body.resource_code, &self.directory).await?;
         let decision = x.policy.authorize(&id.department, entry, now_unix_ms())?;
-        if let Err(wait) = x.quotas.check(&id.department, &body.resource_code) {
-            return Err(NodeError::ResourceExhausted {
-                message: format!(
-                    "department {} has used its quota for resource {} at department {}; retry in {} ms",
-                    id.department,
-                    body.resource_code,
-                    x.me.department,
-                    wait.as_millis() + 1
-                ),
-                retry_after: wait,
-            });
-        }
+        x.check_quota(&id.department, &body.resource_code)?;
         let violations = check_keys(&decision.entry, &body.keys);
         if !violations.is_empty() {
             return Err(NodeError::InvalidArgument(violations));

@@ -773,7 +773,8 @@ async fn in_process_federation(
     Ok((directory, commerce, tax))
 }
 
-async fn wait_ready(pki: &TestPki, directory_addr: &str) -> anyhow::Result<()> {
+/// Waits until commerce's catalog is searchable and both nodes are online.
+pub async fn wait_ready(pki: &TestPki, directory_addr: &str) -> anyhow::Result<()> {
     let reader = pki.identity("central", Role::Operator, "bench-reader");
     let central = client_sdk::client::directory_client(directory_addr, &reader)?;
     federation::wait_for("commerce's catalog in the directory", Duration::from_secs(60), || {

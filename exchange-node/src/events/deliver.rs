@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
 
-use super::{blocking, EventStream, Events};
+use super::{blocking, check_code, EventStream, Events};
 use crate::audit::{AuditRecord, Side};
 use crate::error::NodeError;
 use crate::policy::Decision;
@@ -39,13 +39,6 @@ fn require_node(id: &PeerIdentity, call: &str) -> Result<(), NodeError> {
              Applications subscribe through their own department's node",
             id.name, id.role
         )));
-    }
-    Ok(())
-}
-
-fn check_code(code: &str) -> Result<(), NodeError> {
-    if code.is_empty() || code.len() > 64 || code.chars().any(char::is_control) {
-        return Err(NodeError::invalid("resource_code", "required: a catalog resource code (at most 64 characters)"));
     }
     Ok(())
 }
@@ -158,7 +151,7 @@ impl Events {
         check_code(&req.resource_code)?;
         let existed = self.outbox.get(&node.department, &req.resource_code)?.is_some_and(|s| s.active);
         self.end_subscription(&node.department, &req.resource_code, "unsubscribed by the consumer")?;
-        self.trim_outbox(&req.resource_code).await;
+        self.trim_outbox(&req.resource_code);
         Ok(RelayUnsubscribeResponse { existed })
     }
 
@@ -264,7 +257,7 @@ impl Events {
             })
             .map(|_| moved);
         match result {
-            Ok(true) => self.trim_outbox(resource_code).await,
+            Ok(true) => self.trim_outbox(resource_code),
             Ok(false) => {}
             Err(e) => tracing::warn!(consumer, resource = %resource_code, error = %e, "could not record an acknowledgement"),
         }
@@ -433,17 +426,7 @@ impl Events {
             return Err(NodeError::invalid("after_key", "at most 128 characters (a record key)"));
         }
         let decision = self.decide(&node.department, &req.resource_code).await?;
-        if let Err(wait) = self.x.quotas.check(&node.department, &req.resource_code) {
-            return Err(NodeError::ResourceExhausted {
-                message: format!(
-                    "department {} has used its quota for resource {}; retry in {} ms",
-                    node.department,
-                    req.resource_code,
-                    wait.as_millis() + 1
-                ),
-                retry_after: wait,
-            });
-        }
+        self.x.check_quota(&node.department, &req.resource_code)?;
         let d = disclosure::disclosure(&decision.entry, decision.granted_items.as_deref());
         let store = self.x.records.clone();
         let code = req.resource_code.clone();

@@ -11,15 +11,13 @@
 //! per-resource seqs, so "seq ≤ received_upto_seq" is exactly "already here" (a high-water mark in
 //! place of a set of message ids, and as exact, since the provider sends in seq order without gaps).
 
-use exchange_proto::v1::{EventDelivery, RecordEvent, Subscription};
+use exchange_proto::v1::{RecordEvent, Subscription};
 use prost::Message;
 
 use crate::error::NodeError;
-use crate::records::sled::{log_entry_key, read_log, trim_log, LogError};
+use crate::records::sled::{insert_log_entries, read_log, trim_log, LogError};
 
 const TREE: &str = "inbox";
-/// Most events in one inbox entry.
-const ENTRY_EVENTS: usize = 500;
 
 pub struct Inbox {
     tree: sled::Tree,
@@ -128,17 +126,7 @@ impl Inbox {
         sub.received_upto_seq = last;
         sub.last_delivery_unix_ms = now_unix_ms;
         let mut batch = sled::Batch::default();
-        // Entries of at most ENTRY_EVENTS, as in the provider's change log (sled holds large values in
-        // memory past its cache).
-        let prefix = log_prefix(resource_code);
-        let mut entry_first = first;
-        let mut events = events.into_iter().peekable();
-        while events.peek().is_some() {
-            let chunk: Vec<RecordEvent> = events.by_ref().take(ENTRY_EVENTS).collect();
-            let n = chunk.len() as u64;
-            batch.insert(log_entry_key(&prefix, entry_first), EventDelivery { events: chunk, ended_reason: String::new() }.encode_to_vec());
-            entry_first += n;
-        }
+        insert_log_entries(&mut batch, &log_prefix(resource_code), events);
         batch.insert(sub_key(resource_code), sub.encode_to_vec());
         self.tree.apply_batch(batch)?;
         self.tree.flush()?;

@@ -101,6 +101,14 @@ pub struct Events {
 /// How long a batch id is remembered (a retry after longer applies the batch again).
 pub const BATCH_ID_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 
+/// A resource code as the event calls take it (the catalog checks its form; this bounds what is looked up).
+pub(crate) fn check_code(code: &str) -> Result<(), NodeError> {
+    if code.is_empty() || code.len() > 64 || code.chars().any(char::is_control) {
+        return Err(NodeError::invalid("resource_code", "required: a catalog resource code (at most 64 characters)"));
+    }
+    Ok(())
+}
+
 /// A blocking store call off the async threads.
 pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, NodeError> + Send + 'static,
@@ -246,7 +254,7 @@ impl Events {
             tracing::info!(caller = %app, resource = %req.resource_code, batch_id = %req.batch_id, first_seq, last_seq, "batch applied before; not applied again");
         } else {
             self.outbox.notify_head(&req.resource_code, last_seq);
-            self.trim_outbox(&req.resource_code).await;
+            self.trim_outbox(&req.resource_code);
             self.prune_batch_ids(&req.resource_code);
             tracing::info!(caller = %app, resource = %req.resource_code, records = count, first_seq, last_seq, "records stored");
         }
@@ -273,7 +281,7 @@ impl Events {
 
     /// Drops the change log's events every active subscriber has acknowledged (all of it when there is
     /// no subscriber: a new subscription starts at the head, and a snapshot reads the records).
-    pub(crate) async fn trim_outbox(&self, resource_code: &str) {
+    pub(crate) fn trim_outbox(&self, resource_code: &str) {
         // The head before the subscriptions: a subscription made after this read starts at or after it,
         // so trimming up to it never drops an event a subscriber still needs.
         let trimmed = (|| -> Result<u64, NodeError> {

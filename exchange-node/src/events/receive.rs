@@ -25,7 +25,7 @@ use tonic::transport::Channel;
 use tonic::{Request, Status};
 
 use super::inbox::Appended;
-use super::{blocking, EventStream, Events};
+use super::{blocking, check_code, EventStream, Events};
 use crate::audit::Side;
 use crate::error::NodeError;
 use crate::state::now_unix_ms;
@@ -41,13 +41,6 @@ enum StreamEnd {
     Ended(String),
     /// The stream closed (provider restarting, shutdown): reconnect.
     Closed,
-}
-
-fn check_code(code: &str) -> Result<(), NodeError> {
-    if code.is_empty() || code.len() > 64 || code.chars().any(char::is_control) {
-        return Err(NodeError::invalid("resource_code", "required: a catalog resource code (at most 64 characters)"));
-    }
-    Ok(())
 }
 
 /// Whether a provider's refusal ends the subscription for good (rather than being retried).

@@ -112,16 +112,7 @@ impl SledRecordStore {
         }
         let last = first + events.len() as u64 - 1;
         let log = log_prefix(resource_code);
-        // Log entries of at most LOG_ENTRY_EVENTS: sled keeps large values whole in memory, beyond its
-        // page cache's accounting (one 5,000-event entry is ~3 MB), and a reader decodes a whole entry.
-        let mut events = events.into_iter().peekable();
-        let mut entry_first = first;
-        while events.peek().is_some() {
-            let chunk: Vec<RecordEvent> = events.by_ref().take(LOG_ENTRY_EVENTS).collect();
-            let n = chunk.len() as u64;
-            batch.insert(log_key(&log, entry_first), EventDelivery { events: chunk, ended_reason: String::new() }.encode_to_vec());
-            entry_first += n;
-        }
+        insert_log_entries(&mut batch, &log, events);
         batch.insert(head_key(resource_code), last.to_be_bytes().to_vec());
         if let Some(k) = id_key {
             let mut v = Vec::with_capacity(24);
@@ -255,8 +246,7 @@ impl RecordStore for SledRecordStore {
 
     fn scan(&self, resource_code: &str, after_key: &str, limit: usize) -> Result<Vec<Record>, RecordStoreError> {
         let prefix = prefix(resource_code)?;
-        let mut end = prefix.clone();
-        *end.last_mut().expect("prefix ends with NUL") = 1;
+        let end = prefix_end(&prefix);
         let start = storage_key(&prefix, after_key);
         let range = if after_key.is_empty() {
             self.tree.range(start..end)
@@ -445,9 +435,15 @@ pub fn trim_log(tree: &sled::Tree, log_prefix: &[u8], head: u64, upto_seq: u64) 
     Ok(dropped)
 }
 
-/// The key of a log entry starting at `first_seq`.
-pub fn log_entry_key(log_prefix: &[u8], first_seq: u64) -> Vec<u8> {
-    log_key(log_prefix, first_seq)
+/// Adds consecutive `events` to `batch` as log entries of at most [`LOG_ENTRY_EVENTS`] under
+/// `log_prefix`: sled keeps large values whole in memory, beyond its page cache's accounting (one
+/// 5,000-event entry is ~3 MB), and a reader decodes a whole entry.
+pub fn insert_log_entries(batch: &mut sled::Batch, log_prefix: &[u8], events: Vec<RecordEvent>) {
+    let mut events = events.into_iter().peekable();
+    while let Some(first) = events.peek().map(|e| e.seq) {
+        let chunk: Vec<RecordEvent> = events.by_ref().take(LOG_ENTRY_EVENTS).collect();
+        batch.insert(log_key(log_prefix, first), EventDelivery { events: chunk, ended_reason: String::new() }.encode_to_vec());
+    }
 
 }
 

@@ -563,20 +563,7 @@ async fn relay_section(args: &Args, pki: &TestPki, tmp: &std::path::Path, rows: 
     let tax =
         federation::start_node(pki, "tax", &directory.addr, &tmp.join("relay-tax"), Some(federation::sample_catalog("tax")))
             .await?;
-    let reader = pki.identity("central", Role::Operator, "bench-reader");
-    let central = client_sdk::client::directory_client(&directory.addr, &reader)?;
-    federation::wait_for("commerce's catalog in the directory", Duration::from_secs(60), || {
-        let mut c = central.clone();
-        async move { (federation::provider_entries(&mut c, "commerce").await > 0).then_some(()) }
-    })
-    .await?;
-    for dept in ["commerce", "tax"] {
-        federation::wait_for(&format!("{dept}'s node online"), Duration::from_secs(60), || {
-            let mut c = central.clone();
-            async move { federation::node_online(&mut c, dept).await.then_some(()) }
-        })
-        .await?;
-    }
+    events_bench::wait_ready(pki, &directory.addr).await?;
     let ready = setup.elapsed();
 
     // ---- load the records through commerce's node (validated, durable per batch) ----
