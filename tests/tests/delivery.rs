@@ -195,19 +195,12 @@ impl Site {
 }
 
 /// Polls `f` every 100 ms until it returns `Some`, or panics with `what` after `timeout`.
-async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
+async fn eventually<T, F, Fut>(what: &str, timeout: Duration, f: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
 {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    e2e_tests::federation::wait_for(what, timeout, f).await.unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// A running federation: the directory and both nodes, restartable.
