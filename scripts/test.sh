@@ -12,6 +12,18 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import grpc, grpc_health.
 fi
 export GX_PYTHON="$PWD/.venv/bin/python"
 
+# The console test drives headless Chromium through chromedriver (Debian's packages).
+if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then
+  echo "chromium: $(/usr/bin/chromium --version 2>/dev/null | head -n 1)"
+elif [ "$(id -u)" = 0 ] || sudo -n true 2>/dev/null; then
+  echo "chromium: installing chromium and chromium-driver for the console test"
+  sudo_cmd=""; [ "$(id -u)" = 0 ] || sudo_cmd=sudo
+  $sudo_cmd apt-get update -qq
+  $sudo_cmd env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null
+else
+  echo "chromium: missing and no root or sudo to install it; the console test skips unless GX_REQUIRE_CHROMIUM is set"
+fi
+
 # The end-to-end tests start the binaries from target/debug: build them first, in the same profile.
 cargo build --workspace --bins --examples --locked
 log=$(mktemp)

@@ -53,6 +53,13 @@ impl IdentityInterceptor {
 impl tonic::service::Interceptor for IdentityInterceptor {
     fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
         let id = self.identify(&req)?;
+        // The metrics layer outside this interceptor labels the call with the caller's department.
+        if let Some(slot) = req.extensions().get::<crate::admin::metrics::PeerSlot>() {
+            let _ = slot.0.set(crate::admin::metrics::PeerLabel {
+                department: id.department.clone(),
+                full: format!("{}/{}/{}", id.department, id.role, id.name),
+            });
+        }
         req.extensions_mut().insert(id);
         Ok(req)
     }

@@ -7,6 +7,7 @@
 //! - [`tls`]: the one place TLS is configured: server and client rustls configs, the revocation set,
 //!   the TLS accept loop with a connection limit, and channel set-up.
 //! - [`auth`]: per-call authentication (tonic interceptor) and role checks for servers.
+//! - [`backup`]: the checksummed backup file of a server's store: writing, verifying, restoring.
 //! - [`ids`]: validation of unified social credit codes and citizen identity numbers, and masking.
 //! - [`client`]: typed connections to the directory and to a node, and batched catalog publishing.
 //! - [`records`]: what applications use: typed enterprise and population records (item names, formats,
@@ -21,7 +22,9 @@
 //! - [`cli`]: the operator CLI `exchangectl` (commands, output, tables); `src/bin/exchangectl.rs` only
 //!   parses and runs it.
 
+pub mod admin;
 pub mod auth;
+pub mod backup;
 pub mod catalog;
 pub mod cli;
 pub mod client;

@@ -17,15 +17,17 @@ use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::{Arc, Once, RwLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Once, RwLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures::Stream;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::server::WebPkiClientVerifier;
-use rustls::client::WebPkiServerVerifier;
+use rustls::server::{ClientHello, ResolvesServerCert, ServerSessionMemoryCache, StoresServerSessions, WebPkiClientVerifier};
+use rustls::client::{ClientSessionMemoryCache, ClientSessionStore, ResolvesClientCert, Resumption, WebPkiServerVerifier};
+use rustls::sign::CertifiedKey;
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
@@ -61,6 +63,35 @@ pub enum TlsError {
     Identity(#[from] crate::identity::IdentityError),
     #[error("cannot connect to {addr}: {reason}")]
     Connect { addr: String, reason: String },
+    #[error("certificate reload refused ({check} check): {reason}; the running certificate stays")]
+    Rotation { check: RotationCheck, reason: String },
+}
+
+/// Which check of [`TlsIdentity::reload`] refused the new certificate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RotationCheck {
+    /// The certificate or key file cannot be read or parsed.
+    Files,
+    /// The certificate carries no gov-exchange identity, or another department or role than the one in use.
+    Identity,
+    /// The certificate is expired or not yet valid.
+    Validity,
+    /// The chain does not verify against the CA in use, or the certificate may not be used for TLS.
+    Chain,
+    /// The key is not the certificate's.
+    Key,
+}
+
+impl fmt::Display for RotationCheck {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            RotationCheck::Files => "files",
+            RotationCheck::Identity => "identity",
+            RotationCheck::Validity => "validity",
+            RotationCheck::Chain => "chain",
+            RotationCheck::Key => "key",
+        })
+    }
 }
 
 /// Where a holder's CA, certificate and key live (the `[tls]` table of every config).
@@ -79,12 +110,62 @@ impl TlsPaths {
 }
 
 /// A loaded TLS identity: trust roots, our own chain and key, and who the chain says we are.
+///
+/// The chain and key can be replaced while servers and clients run ([`TlsIdentity::reload`]): every rustls
+/// config built from this identity, or from any clone of it, reads the pair in use at each handshake, so
+/// new connections present the new certificate and open ones keep their session. The CA cannot change.
 #[derive(Clone)]
 pub struct TlsIdentity {
     roots: Arc<RootCertStore>,
-    chain: Vec<CertificateDer<'static>>,
-    key: Arc<PrivateKeyDer<'static>>,
+    current: Arc<RwLock<Arc<CurrentCert>>>,
+    /// Counts rotations; session caches built from this identity start over when it moves (see
+    /// [`RotatingSessions`]).
+    rotations: Arc<AtomicU64>,
+    /// Who the certificate said we were when loaded. Department and role never change ([`TlsIdentity::reload`]
+    /// refuses that); serial, expiry and name may: [`TlsIdentity::current`] has those.
     pub identity: PeerIdentity,
+}
+
+/// The certificate and key in use, and the identity read from that certificate.
+#[derive(Debug)]
+struct CurrentCert {
+    key: Arc<CertifiedKey>,
+    identity: PeerIdentity,
+}
+
+/// What a successful [`TlsIdentity::reload`] replaced.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rotation {
+    pub old: PeerIdentity,
+    pub new: PeerIdentity,
+}
+
+impl Rotation {
+    /// False when the files still held the certificate in use (a reload without a rotation).
+    pub fn changed(&self) -> bool {
+        self.old.serial_hex != self.new.serial_hex
+    }
+}
+
+impl fmt::Display for Rotation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "serial {} (not after {}) -> serial {} (not after {})",
+            self.old.serial_hex,
+            unix_date(self.old.not_after_unix),
+            self.new.serial_hex,
+            unix_date(self.new.not_after_unix)
+        )
+    }
+}
+
+/// RFC 3339 in UTC, for messages; the raw number if out of range.
+fn unix_date(unix: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix)
+        .ok()
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_else(|| unix.to_string())
 }
 
 impl fmt::Debug for TlsIdentity {
@@ -96,26 +177,227 @@ impl fmt::Debug for TlsIdentity {
 impl TlsIdentity {
     pub fn load(paths: &TlsPaths) -> Result<Self, TlsError> {
         install_crypto_provider();
-        let file_err = |path: &Path, reason: String| TlsError::File { path: path.to_path_buf(), reason };
-        let mut roots = RootCertStore::empty();
-        let ca_certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&paths.ca)
-            .map_err(|e| file_err(&paths.ca, e.to_string()))?
-            .collect::<Result<_, _>>()
-            .map_err(|e| file_err(&paths.ca, e.to_string()))?;
-        if ca_certs.is_empty() {
-            return Err(file_err(&paths.ca, "no certificate in file".into()));
+        let roots = load_roots(&paths.ca)?;
+        let (chain, key) = read_pair(paths)?;
+        let identity = identity_from_der(&chain[0])?;
+        let key = certified_key(chain, key).map_err(|(_, reason)| TlsError::File { path: paths.key.clone(), reason })?;
+        Ok(TlsIdentity {
+            roots,
+            current: Arc::new(RwLock::new(Arc::new(CurrentCert { key, identity: identity.clone() }))),
+            rotations: Arc::new(AtomicU64::new(0)),
+            identity,
+        })
+    }
+
+    /// Who the certificate in use says we are (after a rotation: the new serial, expiry and name).
+    pub fn current(&self) -> PeerIdentity {
+        self.current.read().expect("certificate lock").identity.clone()
+    }
+
+    /// Replaces the certificate and key with those in `paths.cert` and `paths.key` (`paths.ca` is not
+    /// read: the CA in use stays). New handshakes of every config built from this identity use the new
+    /// pair; open connections keep their session.
+    ///
+    /// Checked first, in this order, and nothing changes when one fails (the error names it, see
+    /// [`RotationCheck`]): both files parse; the certificate carries this identity's department and role
+    /// (the name may change); it is valid now; its chain verifies against the CA in use and it may serve
+    /// TLS; the key is the certificate's.
+    pub fn reload(&self, paths: &TlsPaths) -> Result<Rotation, TlsError> {
+        let refuse = |check: RotationCheck, reason: String| TlsError::Rotation { check, reason };
+        let (chain, key) = read_pair(paths).map_err(|e| refuse(RotationCheck::Files, e.to_string()))?;
+        let cert_file = paths.cert.display();
+
+        let new = identity_from_der(&chain[0]).map_err(|e| refuse(RotationCheck::Identity, format!("{cert_file}: {e}")))?;
+        if new.department != self.identity.department || new.role != self.identity.role {
+            return Err(refuse(
+                RotationCheck::Identity,
+                format!(
+                    "{cert_file} is a certificate of {}/{}, this server runs as {}/{}: a rotation cannot change the department or role",
+                    new.department, new.role, self.identity.department, self.identity.role
+                ),
+            ));
         }
-        for c in ca_certs {
-            roots.add(c).map_err(|e| file_err(&paths.ca, e.to_string()))?;
+
+        let (_, leaf) = x509_parser::parse_x509_certificate(&chain[0])
+            .map_err(|e| refuse(RotationCheck::Files, format!("{cert_file}: {e}")))?;
+        let (not_before, not_after) = (leaf.validity().not_before.timestamp(), leaf.validity().not_after.timestamp());
+        let now = UnixTime::now().as_secs() as i64;
+        if now < not_before {
+            return Err(refuse(
+                RotationCheck::Validity,
+                format!("{cert_file} is not valid before {} (serial {})", unix_date(not_before), new.serial_hex),
+            ));
         }
-        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&paths.cert)
-            .map_err(|e| file_err(&paths.cert, e.to_string()))?
-            .collect::<Result<_, _>>()
-            .map_err(|e| file_err(&paths.cert, e.to_string()))?;
-        let leaf = chain.first().ok_or_else(|| file_err(&paths.cert, "no certificate in file".into()))?;
-        let identity = identity_from_der(leaf)?;
-        let key = PrivateKeyDer::from_pem_file(&paths.key).map_err(|e| file_err(&paths.key, e.to_string()))?;
-        Ok(TlsIdentity { roots: Arc::new(roots), chain, key: Arc::new(key), identity })
+        if now > not_after {
+            return Err(refuse(
+                RotationCheck::Validity,
+                format!("{cert_file} expired at {} (serial {})", unix_date(not_after), new.serial_hex),
+            ));
+        }
+
+        let verifier = WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider())
+            .build()
+            .map_err(|e| TlsError::Config(e.to_string()))?;
+        verifier.verify_client_cert(&chain[0], &chain[1..], UnixTime::now()).map_err(|e| {
+            refuse(RotationCheck::Chain, format!("{cert_file} does not verify against the CA in use: {e}"))
+        })?;
+        // Servers present the same certificate to their clients: without serverAuth every handshake would fail.
+        if let Ok(Some(eku)) = leaf.extended_key_usage() {
+            if !eku.value.any && !eku.value.server_auth {
+                return Err(refuse(
+                    RotationCheck::Chain,
+                    format!("{cert_file} may not be used by a TLS server (its extended key usage lacks serverAuth)"),
+                ));
+            }
+        }
+
+        let key = certified_key(chain, key).map_err(|(check, reason)| {
+            refuse(check, format!("{}: {reason}", paths.key.display()))
+        })?;
+        let old = {
+            let mut current = self.current.write().expect("certificate lock");
+            let old = current.identity.clone();
+            *current = Arc::new(CurrentCert { key, identity: new.clone() });
+            old
+        };
+        let rotation = Rotation { old, new };
+        if rotation.changed() {
+            self.rotations.fetch_add(1, Ordering::SeqCst);
+        }
+        Ok(rotation)
+    }
+
+    fn cert_resolver(&self) -> Arc<CurrentCertResolver> {
+        Arc::new(CurrentCertResolver(self.current.clone()))
+    }
+
+    fn server_sessions(&self) -> Arc<RotatingSessions<ServerSessionMemoryCache>> {
+        Arc::new(RotatingSessions::new(self.rotations.clone(), || ServerSessionMemoryCache::new(SESSION_CACHE_ENTRIES)))
+    }
+
+    fn client_sessions(&self) -> Arc<RotatingSessions<ClientSessionMemoryCache>> {
+        Arc::new(RotatingSessions::new(self.rotations.clone(), || Arc::new(ClientSessionMemoryCache::new(SESSION_CACHE_ENTRIES))))
+    }
+}
+
+/// The certificate chain and private key of `paths`, parsed (not yet checked against each other).
+fn read_pair(paths: &TlsPaths) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsError> {
+    let file_err = |path: &Path, reason: String| TlsError::File { path: path.to_path_buf(), reason };
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&paths.cert)
+        .map_err(|e| file_err(&paths.cert, e.to_string()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| file_err(&paths.cert, e.to_string()))?;
+    if chain.is_empty() {
+        return Err(file_err(&paths.cert, "no certificate in file".into()));
+    }
+    let key = PrivateKeyDer::from_pem_file(&paths.key).map_err(|e| file_err(&paths.key, e.to_string()))?;
+    Ok((chain, key))
+}
+
+/// The pair as rustls signs with it; refused when the key is unusable or not the certificate's.
+fn certified_key(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<Arc<CertifiedKey>, (RotationCheck, String)> {
+    match CertifiedKey::from_der(chain, key, &provider()) {
+        Ok(k) => Ok(Arc::new(k)),
+        Err(rustls::Error::InconsistentKeys(_)) => {
+            Err((RotationCheck::Key, "the private key does not belong to the certificate".into()))
+        }
+        Err(e) => Err((RotationCheck::Files, format!("unusable private key: {e}"))),
+    }
+}
+
+/// Session cache entries per config (rustls' default size).
+const SESSION_CACHE_ENTRIES: usize = 256;
+
+/// Hands every handshake the certificate in use, for servers and for clients alike.
+#[derive(Debug)]
+struct CurrentCertResolver(Arc<RwLock<Arc<CurrentCert>>>);
+
+impl CurrentCertResolver {
+    fn key(&self) -> Arc<CertifiedKey> {
+        self.0.read().expect("certificate lock").key.clone()
+    }
+}
+
+impl ResolvesServerCert for CurrentCertResolver {
+    fn resolve(&self, _client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.key())
+    }
+}
+
+impl ResolvesClientCert for CurrentCertResolver {
+    fn resolve(&self, _root_hint_subjects: &[&[u8]], _sigschemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        Some(self.key())
+    }
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// A TLS session cache that starts empty after each rotation of its identity. A resumed session skips the
+/// certificate exchange and carries the certificates of the session it resumes: without this, a connection
+/// opened after a rotation could still present the old certificate, and be refused once it is revoked.
+#[derive(Debug)]
+struct RotatingSessions<C> {
+    rotations: Arc<AtomicU64>,
+    make: fn() -> Arc<C>,
+    cache: Mutex<(u64, Arc<C>)>,
+}
+
+impl<C> RotatingSessions<C> {
+    fn new(rotations: Arc<AtomicU64>, make: fn() -> Arc<C>) -> Self {
+        let seen = rotations.load(Ordering::SeqCst);
+        RotatingSessions { rotations, make, cache: Mutex::new((seen, make())) }
+    }
+
+    fn cache(&self) -> Arc<C> {
+        let now = self.rotations.load(Ordering::SeqCst);
+        let mut cache = self.cache.lock().expect("session cache lock");
+        if cache.0 != now {
+            *cache = (now, (self.make)());
+        }
+        cache.1.clone()
+    }
+}
+
+impl StoresServerSessions for RotatingSessions<ServerSessionMemoryCache> {
+    fn put(&self, key: Vec<u8>, value: Vec<u8>) -> bool {
+        self.cache().put(key, value)
+    }
+    fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
+        self.cache().get(key)
+    }
+    fn take(&self, key: &[u8]) -> Option<Vec<u8>> {
+        self.cache().take(key)
+    }
+    fn can_cache(&self) -> bool {
+        true
+    }
+}
+
+impl ClientSessionStore for RotatingSessions<ClientSessionMemoryCache> {
+    fn set_kx_hint(&self, server_name: ServerName<'static>, group: rustls::NamedGroup) {
+        self.cache().set_kx_hint(server_name, group)
+    }
+    fn kx_hint(&self, server_name: &ServerName<'_>) -> Option<rustls::NamedGroup> {
+        self.cache().kx_hint(server_name)
+    }
+    fn set_tls12_session(&self, server_name: ServerName<'static>, value: rustls::client::Tls12ClientSessionValue) {
+        self.cache().set_tls12_session(server_name, value)
+    }
+    fn tls12_session(&self, server_name: &ServerName<'_>) -> Option<rustls::client::Tls12ClientSessionValue> {
+        self.cache().tls12_session(server_name)
+    }
+    fn remove_tls12_session(&self, server_name: &ServerName<'static>) {
+        self.cache().remove_tls12_session(server_name)
+    }
+    fn insert_tls13_ticket(&self, server_name: ServerName<'static>, value: rustls::client::Tls13ClientSessionValue) {
+        self.cache().insert_tls13_ticket(server_name, value)
+    }
+    fn take_tls13_ticket(&self, server_name: &ServerName<'static>) -> Option<rustls::client::Tls13ClientSessionValue> {
+        self.cache().take_tls13_ticket(server_name)
     }
 }
 
@@ -162,6 +444,14 @@ impl fmt::Debug for IdentityClientVerifier {
 }
 
 impl ClientCertVerifier for IdentityClientVerifier {
+    // rustls' defaults make a certificate mandatory; the inner verifier knows whether it is (the admin
+    // port's is optional, for token holders).
+    fn offer_client_auth(&self) -> bool {
+        self.inner.offer_client_auth()
+    }
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
         self.inner.root_hint_subjects()
     }
@@ -276,8 +566,8 @@ pub fn server_config(id: &TlsIdentity, revoked: RevocationSet) -> Result<Arc<rus
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Config(e.to_string()))?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(id.chain.clone(), id.key.clone_key())
-        .map_err(|e| TlsError::Config(e.to_string()))?;
+        .with_cert_resolver(id.cert_resolver());
+    config.session_storage = id.server_sessions();
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(config))
 }
@@ -312,8 +602,8 @@ fn build_client_config(
         .map_err(|e| TlsError::Config(e.to_string()))?
         .dangerous()
         .with_custom_certificate_verifier(verifier)
-        .with_client_auth_cert(id.chain.clone(), id.key.clone_key())
-        .map_err(|e| TlsError::Config(e.to_string()))?;
+        .with_client_cert_resolver(id.cert_resolver());
+    config.resumption = Resumption::store(id.client_sessions());
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(config))
 }
@@ -476,4 +766,76 @@ pub fn serve_incoming(
 
 fn log_refused(peer: SocketAddr, e: &io::Error) {
     tracing::info!(%peer, error = %e, "refused connection: TLS handshake failed");
+}
+
+// ---- The admin port (HTTPS: metrics, health, console, operator API) ----
+
+/// `host:port` split into the host (for the `Host` header) and the TLS server name.
+pub fn split_host_port(addr: &str) -> Result<(String, ServerName<'static>), TlsError> {
+    split_host(addr)
+}
+
+/// Reads the CA certificates of a PEM file into trust roots.
+fn load_roots(path: &Path) -> Result<Arc<RootCertStore>, TlsError> {
+    let file_err = |reason: String| TlsError::File { path: path.to_path_buf(), reason };
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(path).map_err(|e| file_err(e.to_string()))? {
+        roots.add(cert.map_err(|e| file_err(e.to_string()))?).map_err(|e| file_err(e.to_string()))?;
+    }
+    if roots.is_empty() {
+        return Err(file_err("no certificate in file".into()));
+    }
+    Ok(Arc::new(roots))
+}
+
+/// The admin port's server config: the same certificate as the gRPC port, HTTP/1.1 and h2 (browsers,
+/// Prometheus, kubelet), and a client certificate *optional*: operators present one, a browser or a
+/// scraper with a token need not. A certificate that is presented is checked in full (CA, validity,
+/// gov-exchange identity, revocation); who may do what is decided per request by the admin server.
+pub fn admin_server_config(id: &TlsIdentity, revoked: RevocationSet) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let inner = WebPkiClientVerifier::builder_with_provider(id.roots.clone(), provider())
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    let verifier = Arc::new(IdentityClientVerifier { inner, revoked });
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(id.cert_resolver());
+    config.session_storage = id.server_sessions();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// A client config for an admin port: the server must chain to the CA in `ca` and carry one of
+/// `server_roles`; the caller presents `client` when given (an operator certificate), else no certificate.
+pub fn admin_client_config(
+    ca: &Path,
+    client: Option<&TlsIdentity>,
+    server_roles: &[Role],
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let roots = match client {
+        Some(id) => id.roots.clone(),
+        None => load_roots(ca)?,
+    };
+    let inner = WebPkiServerVerifier::builder_with_provider(roots, provider())
+        .build()
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    let verifier = Arc::new(RoleServerVerifier { inner, expected: server_roles.to_vec(), department: None, revoked: None });
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier);
+    let mut config = match client {
+        Some(id) => {
+            let mut config = builder.with_client_cert_resolver(id.cert_resolver());
+            config.resumption = Resumption::store(id.client_sessions());
+            config
+        }
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
 }

@@ -5,6 +5,7 @@
 //! data_dir = "/var/lib/gov-exchange/directory"
 //! lease_ttl_seconds = 15             # optional; a node is OFFLINE this long after its last heartbeat
 //! max_connections = 1024             # optional; further clients wait in the kernel backlog
+//! max_connection_age_seconds = 1800  # optional; then a client is asked to reconnect (see below)
 //! log_format = "text"                # optional; "text" or "json"
 //!
 //! [tls]                              # the directory's own certificate must have role `directory`
@@ -26,6 +27,8 @@ use serde::Deserialize;
 pub const DEFAULT_LEASE_TTL_SECONDS: u32 = 15;
 /// The default limit of simultaneously open client connections.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+/// The default of [`Config::max_connection_age_seconds`]: half an hour.
+pub const DEFAULT_MAX_CONNECTION_AGE_SECONDS: u64 = 1800;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -55,8 +58,20 @@ pub struct Config {
     /// Most client connections open at once.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// How long a client connection may stay open before the directory asks the client to reconnect
+    /// (an HTTP/2 GOAWAY: calls and watch streams in progress finish on the old connection, new calls
+    /// open a new one). A node that rotated its certificate keeps presenting the old one to the
+    /// directory until it reconnects, so this bounds how long to wait before revoking the old serial.
+    #[serde(default = "default_max_connection_age")]
+    pub max_connection_age_seconds: u64,
     #[serde(default)]
     pub log_format: LogFormat,
+    /// The admin port (`[admin]`): metrics, health, console, operator API. None: no admin port.
+    #[serde(default)]
+    pub admin: Option<client_sdk::admin::AdminConfig>,
+    /// The file this configuration was read from (SIGHUP re-reads the `[tls]` paths from it); not a TOML key.
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
 }
 
 fn default_lease_ttl() -> u32 {
@@ -64,6 +79,9 @@ fn default_lease_ttl() -> u32 {
 }
 fn default_max_connections() -> usize {
     DEFAULT_MAX_CONNECTIONS
+}
+fn default_max_connection_age() -> u64 {
+    DEFAULT_MAX_CONNECTION_AGE_SECONDS
 }
 
 impl Config {
@@ -75,7 +93,10 @@ impl Config {
             tls,
             lease_ttl_seconds: DEFAULT_LEASE_TTL_SECONDS,
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connection_age_seconds: DEFAULT_MAX_CONNECTION_AGE_SECONDS,
             log_format: LogFormat::Text,
+            admin: None,
+            source: None,
         }
     }
 
@@ -93,6 +114,10 @@ impl Config {
                 *p = base.join(&*p);
             }
         }
+        if let Some(admin) = config.admin.as_mut() {
+            admin.resolve_paths(base);
+        }
+        config.source = Some(path.to_path_buf());
         Ok(config)
     }
 
@@ -115,8 +140,20 @@ impl Config {
         if self.max_connections == 0 {
             return Err(ConfigError::Invalid("max_connections must be at least 1".into()));
         }
+        if !(1..=604_800).contains(&self.max_connection_age_seconds) {
+            return Err(ConfigError::Invalid(format!(
+                "max_connection_age_seconds must be 1-604800 (a week), got {}",
+                self.max_connection_age_seconds
+            )));
+        }
         if self.listen.trim().is_empty() {
             return Err(ConfigError::Invalid("listen must be host:port".into()));
+        }
+        if let Some(admin) = &self.admin {
+            admin.validate().map_err(ConfigError::Invalid)?;
+            if admin.listen.to_string() == self.listen {
+                return Err(ConfigError::Invalid(format!("admin.listen {} is the gRPC listen address too", admin.listen)));
+            }
         }
         Ok(())
     }

@@ -3,6 +3,8 @@
 //! enforces them.
 //!
 //! # Layout
+//! - [`admin`]: what the directory shows on its admin port (`client_sdk::admin`).
+//! - [`backup`]: a consistent backup of the running directory's store (the admin port's `GET /api/backup`).
 //! - [`config`]: the TOML configuration ([`config::Config`]).
 //! - [`server`]: start-up (open stores, rebuild the index, load revocations) and serving with health,
 //!   reflection, graceful shutdown ([`server::run`], [`server::LoadedDirectory`]).
@@ -15,16 +17,21 @@
 //! - [`watch`]: one change feed over a store's change log, serving `WatchCatalog`, `WatchGrants` and
 //!   `WatchRevocations`.
 //! - [`revocation`]: who may revoke which certificate.
+//! - [`reload`]: SIGHUP (and the admin port's reload) re-reads the certificate and key: rotation without
+//!   downtime.
 //! - [`search`]: the full-text catalog index (tantivy + jieba).
 //! - `main.rs`: the `directory --config FILE` binary.
 //!
 //! Identity comes only from the caller's certificate (`client_sdk::auth`); TLS is configured only in
 //! `client_sdk::tls`.
 
+pub mod admin;
+pub mod backup;
 pub mod config;
 pub mod error;
 pub mod revocation;
 pub mod search;
+pub mod reload;
 pub mod server;
 pub mod service;
 pub mod store;

@@ -36,7 +36,16 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::service::interceptor::InterceptedService;
 
+use client_sdk::admin::health::Health;
+use client_sdk::admin::metrics::{GrpcMetricsLayer, Metrics};
+use client_sdk::admin::server::{self as admin, AdminSource, AdminState};
+use client_sdk::admin::AdminConfig;
+
+use crate::admin::DirectoryAdmin;
+use crate::backup::DirectoryBackupSource;
 use crate::config::{Config, ConfigError};
+use crate::store::sled::SledDatabase;
+use crate::reload::Reloadable;
 use crate::revocation::{AuthorityError, RevocationAuthority};
 use crate::search::{CatalogIndex, SearchError};
 use crate::service::{DirectoryService, ServiceSettings, StartVersions};
@@ -76,6 +85,8 @@ pub struct LoadedDirectory {
     config: Config,
     identity: TlsIdentity,
     stores: Stores,
+    /// The database under `stores`, for the admin port (backup, size, the store check).
+    database: SledDatabase,
     index: Arc<CatalogIndex>,
     revoked: RevocationSet,
     authority: RevocationAuthority,
@@ -114,7 +125,7 @@ impl LoadedDirectory {
         // sled opens and the live entries are read.
         let new_index = tokio::task::spawn_blocking(CatalogIndex::new);
         let data_dir = config.data_dir.clone();
-        let stores = tokio::task::spawn_blocking(move || crate::store::sled::open(&data_dir)).await??;
+        let (stores, database) = tokio::task::spawn_blocking(move || crate::store::sled::open_with_database(&data_dir)).await??;
         let open_time = started.elapsed();
 
         let revoked = RevocationSet::default();
@@ -162,6 +173,7 @@ impl LoadedDirectory {
             config,
             identity,
             stores,
+            database,
             index: Arc::new(index),
             revoked,
             authority,
@@ -199,16 +211,53 @@ impl LoadedDirectory {
         self.startup_time
     }
 
-    /// Serves on `listener` until `shutdown` completes, then drains (see the module docs).
+    /// What SIGHUP and the admin port's `POST /api/reload` call: its `tls` is the directory's TLS identity,
+    /// whose certificate every listener reads at each handshake.
+    pub fn reloadable(&self) -> Reloadable {
+        Reloadable { source: self.config.source.clone(), tls_paths: self.config.tls.clone(), tls: self.identity.clone() }
+    }
+
+    /// Serves on `listener` until `shutdown` completes, then drains (see the module docs). With an
+    /// `[admin]` table in the config, the admin port is bound and served too.
     pub async fn serve(
         self,
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), ServerError> {
+        self.serve_with_admin(listener, None, shutdown).await
+    }
+
+    /// [`LoadedDirectory::serve`] with the admin port's listener bound by the caller (tests bind port 0).
+    pub async fn serve_with_admin(
+        self,
+        listener: TcpListener,
+        admin_listener: Option<TcpListener>,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), ServerError> {
+        let admin_listener = match (admin_listener, &self.config.admin) {
+            (Some(l), _) => Some(l),
+            (None, Some(admin)) => Some(TcpListener::bind(admin.listen).await.map_err(|e| {
+                ServerError::Config(ConfigError::Invalid(format!("cannot listen on admin.listen {}: {e}", admin.listen)))
+            })?),
+            (None, None) => None,
+        };
+        let admin_config = match (&admin_listener, &self.config.admin) {
+            (None, _) => None,
+            (Some(_), Some(a)) => Some(a.clone()),
+            (Some(l), None) => Some(AdminConfig::new(l.local_addr().map_err(|e| ServerError::Config(ConfigError::Invalid(e.to_string())))?)),
+        };
+        let admin_token = match &admin_config {
+            Some(a) => a.load_token().map_err(|e| ServerError::Config(ConfigError::Invalid(e)))?,
+            None => None,
+        };
+        let metrics = Metrics::new();
         let local = listener.local_addr().ok();
         let server_tls = tls::server_config(&self.identity, self.revoked.clone())?;
         let incoming = tls::serve_incoming(listener, server_tls, self.config.max_connections);
         let (stop_tx, stop_rx) = watch::channel(false);
+        // Ends when shutdown begins (or the server fails and drops the sender).
+        tokio::spawn(crate::reload::reload_task(self.reloadable(), stop_rx.clone()));
+        let reloadable = self.reloadable();
         let service = DirectoryService::new(
             self.stores.clone(),
             self.index.clone(),
@@ -223,7 +272,7 @@ impl LoadedDirectory {
                 grants: self.grant_version,
                 revocations: self.revocation_version,
             },
-            stop_rx,
+            stop_rx.clone(),
         );
         let directory = DirectoryServer::new(service)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -231,6 +280,49 @@ impl LoadedDirectory {
 
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<DirectoryServer<DirectoryService>>().await;
+        let health_state = Health::new(health.clone(), vec!["", DIRECTORY_SERVICE_NAME]);
+        let admin_task = match (admin_listener, admin_config) {
+            (Some(admin_listener), Some(admin_config)) => {
+                let source: Arc<dyn AdminSource> = Arc::new(DirectoryAdmin {
+                    tls: self.identity.clone(),
+                    admin: admin_config.clone(),
+                    grpc_address: local.map(|a| a.to_string()).unwrap_or_default(),
+                    data_dir: self.config.data_dir.clone(),
+                    stores: self.stores.clone(),
+                    index: self.index.clone(),
+                    database: self.database.clone(),
+                    metrics: metrics.clone(),
+                    backup: Arc::new(DirectoryBackupSource {
+                        database: self.database.clone(),
+                        data_dir: self.config.data_dir.clone(),
+                        identity: self.identity.identity.clone(),
+                    }),
+                    reload: Arc::new(move || reloadable.reload_all()),
+                });
+                let state = AdminState {
+                    source: source.clone(),
+                    metrics: metrics.clone(),
+                    health: health_state.clone(),
+                    department: self.identity.identity.department.clone(),
+                    token: admin_token.map(Arc::new),
+                    open_probes: admin_config.open_probes,
+                };
+                let refresher = health_state.spawn_refresher(source, stop_rx.clone());
+                let tls_identity = self.identity.clone();
+                let revoked = self.revoked.clone();
+                let mut admin_stop = stop_rx.clone();
+                let serve = tokio::spawn(async move {
+                    let stopped = async move {
+                        let _ = admin_stop.wait_for(|s| *s).await;
+                    };
+                    if let Err(e) = admin::serve(admin_listener, &tls_identity, revoked, &admin_config, state, stopped).await {
+                        tracing::error!(error = %e, "admin port failed");
+                    }
+                });
+                Some((serve, refresher))
+            }
+            _ => None,
+        };
 
         let reflection_v1 = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(exchange_proto::FILE_DESCRIPTOR_SET)
@@ -244,10 +336,12 @@ impl LoadedDirectory {
         // Every service authenticates each call, so a revoked certificate cannot even probe health.
         let interceptor = IdentityInterceptor::new(self.revoked.clone());
         let mut health = health;
+        let health_for_signal = health_state.clone();
         let signal = async move {
             shutdown.await;
             tracing::info!("shutting down: refusing new connections, draining calls");
             let _ = stop_tx.send(true);
+            health_for_signal.stop();
             // Health watchers see NOT_SERVING, then their streams end (clearing drops the status sender):
             // like catalog watches, they would otherwise keep the drain waiting forever.
             for name in ["", DIRECTORY_SERVICE_NAME] {
@@ -263,15 +357,24 @@ impl LoadedDirectory {
             max_connections = self.config.max_connections,
             "directory serving"
         );
-        tonic::transport::Server::builder()
+        let served = tonic::transport::Server::builder()
+            .layer(GrpcMetricsLayer::new(metrics.clone()))
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            // Clients reconnect now and then, so a node that rotated its certificate presents the new one
+            // here too (and the old serial can be revoked); see Config::max_connection_age_seconds.
+            .max_connection_age(Duration::from_secs(self.config.max_connection_age_seconds))
             .add_service(InterceptedService::new(directory, interceptor.clone()))
             .add_service(InterceptedService::new(health_service, interceptor.clone()))
             .add_service(InterceptedService::new(reflection_v1, interceptor.clone()))
             .add_service(InterceptedService::new(reflection_v1alpha, interceptor))
             .serve_with_incoming_shutdown(incoming, signal)
-            .await?;
+            .await;
+        if let Some((serve, refresher)) = admin_task {
+            let _ = refresher.await;
+            let _ = serve.await;
+        }
+        served?;
         tracing::info!("directory stopped");
         Ok(())
     }
@@ -287,4 +390,14 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServerError> {
     LoadedDirectory::load(config).await?.serve(listener, shutdown).await
+}
+
+/// [`run`] with the admin port's listener bound by the caller (tests bind `127.0.0.1:0`).
+pub async fn run_with_admin(
+    listener: TcpListener,
+    admin_listener: Option<TcpListener>,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServerError> {
+    LoadedDirectory::load(config).await?.serve_with_admin(listener, admin_listener, shutdown).await
 }

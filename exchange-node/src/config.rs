@@ -51,6 +51,9 @@ pub struct Config {
     /// Re-read on SIGHUP without a restart.
     #[serde(default)]
     pub quotas: Vec<QuotaRule>,
+    /// The admin port (`[admin]`): metrics, health, console, operator API. None: no admin port.
+    #[serde(default)]
+    pub admin: Option<client_sdk::admin::AdminConfig>,
     /// The file this configuration was read from (for reloads); not a TOML key.
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -130,6 +133,9 @@ impl Config {
         if let Some(p) = self.catalog_file.as_mut() {
             resolve(p);
         }
+        if let Some(admin) = self.admin.as_mut() {
+            admin.resolve_paths(base);
+        }
     }
 
     fn validate(&self) -> Result<(), String> {
@@ -137,6 +143,12 @@ impl Config {
             match value.rsplit_once(':') {
                 Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0) => {}
                 _ => return Err(format!("{field} = {value:?}: expected host:port")),
+            }
+        }
+        if let Some(admin) = &self.admin {
+            admin.validate()?;
+            if admin.listen == self.listen {
+                return Err(format!("admin.listen {} is the gRPC listen address too: give it a port of its own", admin.listen));
             }
         }
         if self.max_connections == 0 {

@@ -143,6 +143,13 @@ impl Consumer {
         }
     }
 
+    /// Forgets the pooled connections to other nodes (after a certificate rotation): the next call opens a
+    /// new one, which presents the node's new certificate. Calls in flight keep their connection until they
+    /// finish; it closes when the last of them drops it.
+    pub fn drop_connections(&self) {
+        self.peers.lock().expect("peer pool").clear();
+    }
+
     pub(crate) fn peer(&self, department: &str, address: &str) -> Result<RelayClient<Channel>, NodeError> {
         let key = (department.to_string(), address.to_string());
         let mut peers = self.peers.lock().expect("peer pool");

@@ -19,6 +19,9 @@
 //! - [`service`]: the `ExchangeNode` service and its authorization (own department only).
 //! - [`audit`]: the hash-chained, signed audit trail, its keys, query and verification.
 //! - [`quota`]: per-consumer, per-resource rate limits (governor); [`reload`] swaps them on SIGHUP.
+//! - [`backup`]: a consistent backup of the running node's store (the admin port's `GET /api/backup`).
+//! - [`admin`]: what the node shows on its admin port (`client_sdk::admin`): checks, gauges, status, peers,
+//!   outbox, catalog, grants, reload and backup.
 //! - [`state`]: the node's live status, shared by registration and `NodeStatus`.
 //! - [`store`]: the registration that survives a restart, and the one sled database ([`store::NodeStore`]).
 //! - [`error`]: [`error::NodeError`] and its one mapping to gRPC statuses.
@@ -36,7 +39,9 @@
 //! - Citizen identity numbers are never logged or audited in clear: audit entries carry keyed hashes of
 //!   record keys, and errors quote identity numbers only masked.
 
+pub mod admin;
 pub mod audit;
+pub mod backup;
 pub mod config;
 pub mod consumer;
 pub mod error;

@@ -446,6 +446,20 @@ impl Policy {
         self.known.read().expect("policy lock").entries.get(resource_code).cloned()
     }
 
+    /// This department's entries the node knows (withdrawn ones included), by resource code.
+    pub fn own_entries(&self) -> Vec<Arc<CatalogEntry>> {
+        let mut entries: Vec<_> = self.known.read().expect("policy lock").entries.values().cloned().collect();
+        entries.sort_by(|a, b| a.resource_code.cmp(&b.resource_code));
+        entries
+    }
+
+    /// Grants where this department is provider or consumer, newest request first.
+    pub fn grants(&self) -> Vec<Grant> {
+        let mut grants: Vec<_> = self.known.read().expect("policy lock").grants.values().cloned().collect();
+        grants.sort_by(|a, b| b.requested_at_unix_ms.cmp(&a.requested_at_unix_ms).then(b.grant_id.cmp(&a.grant_id)));
+        grants
+    }
+
     /// Live entries of this department.
     pub fn provided_resources(&self) -> u64 {
         self.known.read().expect("policy lock").entries.values().filter(|e| !e.withdrawn).count() as u64

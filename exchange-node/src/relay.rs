@@ -12,6 +12,7 @@
 //!    written, the answer is withheld: nothing leaves the node unrecorded.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use client_sdk::auth::caller;
 use client_sdk::identity::{PeerIdentity, Role};
@@ -56,6 +57,8 @@ pub struct Exchange {
     pub audit: Arc<AuditLog>,
     pub hasher: Arc<KeyHasher>,
     pub quotas: Arc<QuotaTable>,
+    /// Relayed traffic per peer department and resource, for the admin port.
+    pub metrics: Arc<client_sdk::admin::metrics::Metrics>,
 }
 
 impl Exchange {
@@ -172,8 +175,29 @@ impl Exchange {
             }
         }
         audit.response_out_us = now_us();
+        self.count(&audit);
         self.audit.append(audit).map_err(|e| NodeError::Audit(e.to_string()))?;
         result
+    }
+
+    /// Counts a relayed call for the metrics, from its audit entry (which has side, peer, resource,
+    /// outcome and timing already).
+    fn count(&self, audit: &AuditRecord) {
+        use client_sdk::admin::metrics::Direction;
+        let (direction, peer) = match audit.side {
+            Side::Provider => (Direction::Inbound, &audit.consumer),
+            Side::Consumer => (Direction::Outbound, &audit.provider),
+        };
+        let code = tonic::Code::from_i32(audit.result_code);
+        // A resource code the caller made up must not become a metric label: bad or unknown resources are
+        // counted under one name.
+        let resource = match code {
+            tonic::Code::InvalidArgument | tonic::Code::NotFound => "(unknown)",
+            _ => audit.resource_code.as_str(),
+        };
+        let peer = if peer.is_empty() { "(unresolved)" } else { peer.as_str() };
+        let elapsed = Duration::from_micros((audit.response_out_us - audit.request_in_us).max(0) as u64);
+        self.metrics.relay(direction, peer, resource, code, elapsed);
     }
 }
 

@@ -16,6 +16,12 @@ use tokio::sync::{oneshot, watch};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Server;
 
+use client_sdk::admin::health::Health;
+use client_sdk::admin::metrics::{GrpcMetricsLayer, Metrics};
+use client_sdk::admin::server::{self as admin, AdminSource, AdminState};
+use client_sdk::admin::AdminConfig;
+
+use crate::admin::NodeAdmin;
 use crate::audit::{self, AuditKeys, AuditLog};
 use crate::config::Config;
 use crate::consumer::{Consumer, ConsumerSettings};
@@ -59,6 +65,51 @@ pub async fn run_with_timing(
     timing: Timing,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), NodeError> {
+    run_with_admin(listener, None, config, timing, shutdown).await
+}
+
+/// [`run_with_timing`] with the admin port's listener bound by the caller (tests bind port 0). Without
+/// one, the node binds `[admin] listen` itself when the config has an `[admin]` table.
+pub async fn run_with_admin(
+    listener: TcpListener,
+    admin_listener: Option<TcpListener>,
+    config: Config,
+    timing: Timing,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), NodeError> {
+    run_with_reload(listener, admin_listener, config, timing, None, shutdown).await
+}
+
+/// [`run_with_admin`] that also hands the node's [`reload::Reloadable`] to `reload_out` once the node is
+/// set up (before it serves): what SIGHUP and `POST /api/reload` call, for embedders and tests that rotate
+/// the certificate in process.
+pub async fn run_with_reload(
+    listener: TcpListener,
+    admin_listener: Option<TcpListener>,
+    config: Config,
+    timing: Timing,
+    reload_out: Option<oneshot::Sender<reload::Reloadable>>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), NodeError> {
+    let admin_listener = match (admin_listener, &config.admin) {
+        (Some(l), _) => Some(l),
+        (None, Some(admin)) => Some(
+            TcpListener::bind(admin.listen)
+                .await
+                .map_err(|e| NodeError::Serve(format!("cannot listen on admin.listen {}: {e}", admin.listen)))?,
+        ),
+        (None, None) => None,
+    };
+    let admin_config = match (&admin_listener, &config.admin) {
+        (None, _) => None,
+        (Some(_), Some(a)) => Some(a.clone()),
+        (Some(l), None) => Some(AdminConfig::new(l.local_addr().map_err(|e| NodeError::Serve(e.to_string()))?)),
+    };
+    let admin_token = match &admin_config {
+        Some(a) => a.load_token().map_err(NodeError::Config)?,
+        None => None,
+    };
+    let metrics = Metrics::new();
     let tls_identity = TlsIdentity::load(&config.tls)?;
     let me = tls_identity.identity.clone();
     if me.role != Role::Node {
@@ -112,6 +163,7 @@ pub async fn run_with_timing(
         audit: audit_log.clone(),
         hasher: Arc::new(keys.hasher().clone()),
         quotas: quotas.clone(),
+        metrics: metrics.clone(),
     });
     let consumer = Arc::new(Consumer::new(
         exchange.clone(),
@@ -158,7 +210,17 @@ pub async fn run_with_timing(
     }
     .spawn(stop_rx.clone());
     let sealer = audit::spawn_sealer(audit_log.clone(), Duration::from_secs(config.relay.audit_seal_seconds), stop_rx.clone());
-    let reloader = tokio::spawn(reload::reload_task(config.source.clone(), quotas, stop_rx));
+    let reloadable = reload::Reloadable {
+        source: config.source.clone(),
+        tls_paths: config.tls.clone(),
+        tls: tls_identity.clone(),
+        quotas: quotas.clone(),
+        consumer: consumer.clone(),
+    };
+    if let Some(out) = reload_out {
+        let _ = out.send(reloadable.clone());
+    }
+    let reloader = tokio::spawn(reload::reload_task(reloadable.clone(), stop_rx.clone()));
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_service_status(NODE_SERVICE_NAME, tonic_health::ServingStatus::Serving).await;
@@ -174,6 +236,53 @@ pub async fn run_with_timing(
         .build_v1alpha()
         .map_err(|e| NodeError::Serve(e.to_string()))?;
 
+    let health_state = Health::new(health.clone(), vec!["", NODE_SERVICE_NAME, RELAY_SERVICE_NAME]);
+    let admin_task = match (admin_listener, admin_config) {
+        (Some(admin_listener), Some(admin_config)) => {
+            let backup_parts =
+                crate::backup::NodeBackupSource { db: db.clone(), events: events.clone(), data_dir: config.data_dir.clone() };
+            let source_admin: Arc<dyn AdminSource> = Arc::new(NodeAdmin {
+                tls: tls_identity.clone(),
+                admin: admin_config.clone(),
+                grpc_address: config.advertise_address.clone(),
+                directory_address: config.directory_address.clone(),
+                data_dir: config.data_dir.clone(),
+                db: db.clone(),
+                exchange: exchange.clone(),
+                events: events.clone(),
+                state: state.clone(),
+                metrics: metrics.clone(),
+                directory: directory.clone(),
+                reload: Arc::new(move || reloadable.reload_all()),
+                backup: Arc::new(move || {
+                    let out = crate::backup::temp_backup_path(&backup_parts.data_dir);
+                    crate::backup::write_backup(&backup_parts, &out).map(|_| out).map_err(|e| e.to_string())
+                }),
+            });
+            let admin_state = AdminState {
+                source: source_admin.clone(),
+                metrics: metrics.clone(),
+                health: health_state.clone(),
+                department: me.department.clone(),
+                token: admin_token.map(Arc::new),
+                open_probes: admin_config.open_probes,
+            };
+            let refresher = health_state.spawn_refresher(source_admin, stop_rx.clone());
+            let admin_tls = tls_identity.clone();
+            let admin_revoked = revocations.clone();
+            let mut admin_stop = stop_rx.clone();
+            let serve = tokio::spawn(async move {
+                let stopped = async move {
+                    let _ = admin_stop.wait_for(|s| *s).await;
+                };
+                if let Err(e) = admin::serve(admin_listener, &admin_tls, admin_revoked, &admin_config, admin_state, stopped).await {
+                    tracing::error!(error = %e, "admin port failed");
+                }
+            });
+            Some((serve, refresher))
+        }
+        _ => None,
+    };
     let relay_service = RelayServer::new(RelayService::new(exchange.clone(), directory.clone(), events.clone()))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
@@ -190,11 +299,13 @@ pub async fn run_with_timing(
     // The shutdown signal: mark the node not serving, stop heartbeats, then let tonic drain.
     let (signalled_tx, signalled_rx) = oneshot::channel::<()>();
     let stop_for_signal = stop_tx.clone();
+    let health_for_signal = health_state.clone();
     let mut health = health;
     let signal = async move {
         shutdown.await;
         tracing::info!("shutting down: stopping heartbeats, draining in-flight calls");
         let _ = stop_for_signal.send(true);
+        health_for_signal.stop();
         // Health watchers see NOT_SERVING, then their streams end (clearing drops the status sender);
         // an open health watch would otherwise hold the drain until the grace period runs out.
         for name in ["", NODE_SERVICE_NAME, RELAY_SERVICE_NAME] {
@@ -212,6 +323,7 @@ pub async fn run_with_timing(
         "exchange node serving"
     );
     let serve = Server::builder()
+        .layer(GrpcMetricsLayer::new(metrics.clone()))
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_service(InterceptedService::new(node_service, interceptor.clone()))
@@ -240,6 +352,10 @@ pub async fn run_with_timing(
     let _ = sync.await;
     let _ = reloader.await;
     let _ = sealer.await;
+    if let Some((serve, refresher)) = admin_task {
+        let _ = refresher.await;
+        let _ = serve.await;
+    }
     events.stopped().await;
     // The sealer stopped when draining began; calls that finished since appended entries: seal them too,
     // so every entry of this run is covered by a signature.

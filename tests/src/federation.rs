@@ -27,6 +27,8 @@ pub fn sample_catalog(dept: &str) -> PathBuf {
 /// A server task started in process; stopped by [`Running::stop`].
 pub struct Running<E> {
     pub addr: String,
+    /// The server's admin port (HTTPS; no token: operators of its department get in with a certificate).
+    pub admin_addr: String,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<Result<(), E>>,
 }
@@ -52,11 +54,13 @@ pub async fn start_directory(pki: &TestPki, data: &Path) -> anyhow::Result<Runni
     let config = directory::Config::new("127.0.0.1:0", data, tls);
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?.to_string();
+    let admin = TcpListener::bind("127.0.0.1:0").await?;
+    let admin_addr = admin.local_addr()?.to_string();
     let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(directory::run(listener, config, async {
+    let task = tokio::spawn(directory::server::run_with_admin(listener, Some(admin), config, async {
         let _ = stopped.await;
     }));
-    Ok(Running { addr, stop: Some(stop), task })
+    Ok(Running { addr, admin_addr, stop: Some(stop), task })
 }
 
 /// Department `dept`'s node (`exchange_node::server::run`, default timing) as `<dept>-node`, publishing
@@ -84,13 +88,22 @@ pub async fn start_node(
         log_format: LogFormat::Text,
         relay: RelayConfig::default(),
         quotas: Vec::new(),
+        admin: None,
         source: None,
     };
+    let admin = TcpListener::bind("127.0.0.1:0").await?;
+    let admin_addr = admin.local_addr()?.to_string();
     let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(exchange_node::server::run(listener, config, async {
-        let _ = stopped.await;
-    }));
-    Ok(Running { addr, stop: Some(stop), task })
+    let task = tokio::spawn(exchange_node::server::run_with_admin(
+        listener,
+        Some(admin),
+        config,
+        exchange_node::registration::Timing::default(),
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    Ok(Running { addr, admin_addr, stop: Some(stop), task })
 }
 
 /// Calls `f` every 100 ms until it returns `Some`, or fails after `timeout`.

@@ -45,6 +45,14 @@ pub struct GlobalOpts {
     /// catalog publish and withdraw also go through it instead of straight to the directory.
     #[arg(long, global = true, env = "EXCHANGE_NODE", value_name = "HOST:PORT")]
     pub node: Option<String>,
+    /// The server's admin port (HTTPS), for status, top, peers, outbox, backup and admin [default:
+    /// 127.0.0.1:9401].
+    #[arg(long, global = true, env = "EXCHANGE_ADMIN", value_name = "HOST:PORT")]
+    pub admin: Option<String>,
+    /// A file holding the admin port's bearer token; without it, the operator certificate
+    /// (--pki-dir/--identity or --cert/--key) is presented.
+    #[arg(long, global = true, env = "EXCHANGE_ADMIN_TOKEN_FILE", value_name = "PATH")]
+    pub admin_token_file: Option<PathBuf>,
     /// Machine-readable output: one JSON document per command (JSON lines for `catalog watch`).
     #[arg(long, global = true)]
     pub json: bool,
@@ -53,6 +61,9 @@ pub struct GlobalOpts {
     pub timeout: u64,
 }
 
+/// The admin port when neither --admin nor EXCHANGE_ADMIN gives one.
+pub const DEFAULT_ADMIN: &str = "127.0.0.1:9401";
+
 /// The node address when neither --node nor EXCHANGE_NODE gives one.
 pub const DEFAULT_NODE: &str = "127.0.0.1:7401";
 
@@ -60,6 +71,11 @@ impl GlobalOpts {
     /// The node that node commands talk to.
     pub fn node_addr(&self) -> &str {
         self.node.as_deref().unwrap_or(DEFAULT_NODE)
+    }
+
+    /// The admin port that status, top, peers, outbox, backup and admin talk to.
+    pub fn admin_addr(&self) -> &str {
+        self.admin.as_deref().unwrap_or(DEFAULT_ADMIN)
     }
 }
 
@@ -94,6 +110,76 @@ pub enum Command {
     /// The node's audit trail (operator of the node's department): query entries, verify the seals.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// One screen from the server's admin port (--admin): identity, version, uptime, readiness,
+    /// certificate expiry, directory state, traffic rates overall and per peer, backlog, peers.
+    Status {
+        /// Traffic rates are measured over this window (two snapshots this far apart).
+        #[arg(long, value_name = "MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(100..=60_000))]
+        interval_ms: u64,
+    },
+    /// A live view of traffic per direction, peer and resource (admin port): req/s, errors, average
+    /// latency, busiest first. Ctrl-C to quit.
+    Top {
+        /// Seconds between refreshes.
+        #[arg(long, value_name = "SECONDS", default_value_t = 2.0, value_parser = refresh_seconds)]
+        interval: f64,
+        /// Stop after this many refreshes (scripts, tests); with --json, one JSON line per refresh.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+        iterations: Option<u64>,
+    },
+    /// The departments this server exchanges with (admin port): status, address, calls, grants.
+    Peers,
+    /// Subscriptions both ways with their backlog and oldest undelivered event (a node's admin port).
+    Outbox,
+    /// Operator switches on the admin port: maintenance mode, reload, readiness.
+    #[command(subcommand)]
+    Admin(AdminCommand),
+    /// Download a consistent backup of the running server's store from its admin port (--admin), verify
+    /// its checksum and print what it holds. A node's backup holds its audit keys: keep it private.
+    Backup {
+        /// The file to write (it must not exist yet; it is created mode 0600).
+        #[arg(long, short, value_name = "FILE")]
+        out: PathBuf,
+    },
+    /// Verify a backup file and restore it into the data directory of a STOPPED server. The database is
+    /// built in a new folder beside DIR and renamed into place; a damaged file changes nothing.
+    Restore {
+        /// The backup file (from `exchangectl backup`).
+        #[arg(long, short, value_name = "FILE")]
+        file: PathBuf,
+        /// The server's data_dir (as in its config file).
+        #[arg(long, value_name = "DIR")]
+        data_dir: PathBuf,
+        /// Refuse a backup of the other kind of server.
+        #[arg(long, value_parser = ["node", "directory"])]
+        server: Option<String>,
+        /// DIR may be non-empty: it is moved aside to DIR.before-restore-<time> (kept, never deleted).
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+/// `top --interval`: a positive number of seconds, at least 0.1 (the admin port is not a firehose).
+fn refresh_seconds(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    if !(0.1..=3600.0).contains(&v) {
+        return Err("must be between 0.1 and 3600 seconds".into());
+    }
+    Ok(v)
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AdminCommand {
+    /// Maintenance mode: `on` makes /readyz answer 503 and gRPC health NOT_SERVING, so load balancers
+    /// drain the server; calls that still arrive are served. `off` ends it.
+    Maintenance {
+        #[arg(value_parser = ["on", "off"])]
+        state: String,
+    },
+    /// Re-read the certificate and key files (rotation) and the reloadable configuration.
+    Reload,
+    /// Print /readyz; exit status 0 when ready, 1 when not.
+    Ready,
 }
 
 #[derive(Debug, Subcommand)]
@@ -562,6 +648,29 @@ mod tests {
 
         assert!(parse(&["grants", "reject", "G00000001"]).is_err(), "--reason is required");
         assert!(parse(&["grants", "revoke", "G00000001", "--reason", "协议到期"]).is_ok());
+    }
+
+    #[test]
+    fn ops_commands() {
+        let cli = parse(&["status", "--admin", "10.0.0.5:9401", "--interval-ms", "500"]).unwrap();
+        assert_eq!(cli.global.admin_addr(), "10.0.0.5:9401");
+        assert!(matches!(cli.command, Command::Status { interval_ms: 500 }));
+        assert!(parse(&["status", "--interval-ms", "0"]).is_err());
+        let cli = parse(&["top", "--iterations", "2", "--interval", "0.5"]).unwrap();
+        assert!(matches!(cli.command, Command::Top { interval, iterations: Some(2) } if interval == 0.5));
+        assert!(matches!(parse(&["top"]).unwrap().command, Command::Top { interval, iterations: None } if interval == 2.0));
+        assert!(parse(&["top", "--interval", "0"]).is_err());
+        assert!(parse(&["top", "--interval", "soon"]).is_err());
+        assert!(parse(&["top", "--iterations", "0"]).is_err());
+        assert!(matches!(parse(&["peers"]).unwrap().command, Command::Peers));
+        assert!(matches!(parse(&["outbox"]).unwrap().command, Command::Outbox));
+        let cli = parse(&["admin", "maintenance", "on", "--admin-token-file", "t"]).unwrap();
+        assert_eq!(cli.global.admin_token_file, Some(PathBuf::from("t")));
+        assert!(matches!(cli.command, Command::Admin(AdminCommand::Maintenance { ref state }) if state == "on"));
+        assert!(parse(&["admin", "maintenance", "maybe"]).is_err());
+        assert!(parse(&["admin", "maintenance"]).is_err());
+        assert!(matches!(parse(&["admin", "reload"]).unwrap().command, Command::Admin(AdminCommand::Reload)));
+        assert!(matches!(parse(&["admin", "ready"]).unwrap().command, Command::Admin(AdminCommand::Ready)));
     }
 
     #[test]

@@ -6,14 +6,16 @@
 //! - [`output`]: JSON views and the human text made from them.
 //! - [`table`]: aligned columns that measure CJK text by display width.
 //! - `pki_cmd`, `catalog_cmd`, `nodes_cmd`, `records_cmd`, `events_cmd`, `grants_cmd`, `audit_cmd`: the
-//!   commands; `sync_file`: the resumable JSON-lines file of `records sync`.
+//!   commands; `ops_cmd`: status, top, peers, outbox and admin switches over the admin port; `backup_cmd`: backup and restore; `sync_file`: the resumable JSON-lines file of `records sync`.
 
 pub mod args;
 mod audit_cmd;
+mod backup_cmd;
 mod catalog_cmd;
 mod events_cmd;
 mod grants_cmd;
 mod nodes_cmd;
+mod ops_cmd;
 mod records_cmd;
 pub mod output;
 mod pki_cmd;
@@ -54,6 +56,9 @@ pub enum CliError {
     Catalog(#[from] CatalogError),
     #[error("{path}: {reason}")]
     File { path: PathBuf, reason: String },
+    /// The admin port refused the request or could not be reached.
+    #[error("{0}")]
+    Admin(#[from] crate::admin::client::AdminClientError),
     /// The command line is usable by clap but not by us (missing certificate options, bad filter word).
     #[error("{0}")]
     Usage(String),
@@ -63,6 +68,9 @@ pub enum CliError {
     /// Ctrl-C stopped a long command; the message says how to continue.
     #[error("{0}")]
     Interrupted(String),
+    /// `admin ready` found the server not ready; the command has printed the readiness already.
+    #[error("the server is not ready: {0}")]
+    NotReady(String),
 }
 
 fn publish_error_text(error: &BatchPublishError, codes: &[String]) -> String {
@@ -116,6 +124,7 @@ impl CliError {
             CliError::Interrupted(_) => EXIT_INTERRUPTED,
             CliError::Client(e) if e.code() == tonic::Code::Unavailable => EXIT_UNREACHABLE,
             CliError::Publish { error, .. } if error.error.code() == tonic::Code::Unavailable => EXIT_UNREACHABLE,
+            CliError::Admin(crate::admin::client::AdminClientError::Connect { .. }) => EXIT_UNREACHABLE,
             _ => 1,
         }
     }
@@ -140,6 +149,8 @@ impl CliError {
             CliError::Usage(_) => ("Usage".into(), vec![], None),
             CliError::AuditTampered { .. } => ("AuditTampered".into(), vec![], None),
             CliError::Interrupted(_) => ("Interrupted".into(), vec![], None),
+            CliError::NotReady(_) => ("NotReady".into(), vec![], None),
+            CliError::Admin(_) => ("Admin".into(), vec![], None),
         };
         let violations: Vec<Violation> =
             violations.iter().map(|(f, d)| Violation { field: f, description: d }).collect();
@@ -194,6 +205,34 @@ impl Ctx {
     pub fn exchange(&self) -> Result<ExchangeClient, CliError> {
         let client = ExchangeClient::connect(self.global.node_addr(), Some(&self.global.directory), &self.identity()?)?;
         Ok(client.with_timeout(self.timeout()))
+    }
+
+    /// The admin port of `--admin`: with the token of `--admin-token-file` when given, else with the
+    /// operator certificate (the CA is always needed, to check the server).
+    pub fn admin(&self) -> Result<crate::admin::client::AdminClient, CliError> {
+        use crate::admin::client::{read_token_file, AdminAuth, AdminClient};
+        let paths = self.tls_paths();
+        let (ca, client, token) = match &self.global.admin_token_file {
+            Some(file) => {
+                let ca = match &paths {
+                    Ok(p) => p.ca.clone(),
+                    Err(_) => self
+                        .global
+                        .ca
+                        .clone()
+                        .or_else(|| self.global.pki_dir.as_ref().map(|d| d.join("ca.crt")))
+                        .ok_or_else(|| CliError::Usage("the admin port's certificate is checked against the CA: pass --ca or --pki-dir".into()))?,
+                };
+                // A certificate is presented too when one is configured: the server accepts either.
+                let client = paths.ok().and_then(|p| TlsIdentity::load(&p).ok());
+                (ca, client, Some(read_token_file(file)?))
+            }
+            None => {
+                let id = self.identity()?;
+                (paths?.ca, Some(id), None)
+            }
+        };
+        Ok(AdminClient::connect(self.global.admin_addr(), AdminAuth { ca, client, token })?.with_timeout(self.timeout()))
     }
 
     fn timeout(&self) -> Duration {
@@ -261,6 +300,16 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Events(cmd) => events_cmd::run(&ctx, cmd).await,
         Command::Grants(cmd) => grants_cmd::run(&ctx, cmd).await,
         Command::Audit(cmd) => audit_cmd::run(&ctx, cmd).await,
+        Command::Status { interval_ms } => ops_cmd::status(&ctx, interval_ms).await,
+        Command::Top { interval, iterations } => ops_cmd::top(&ctx, interval, iterations).await,
+        Command::Peers => ops_cmd::peers(&ctx).await,
+        Command::Outbox => ops_cmd::outbox(&ctx).await,
+        Command::Admin(cmd) => ops_cmd::admin(&ctx, cmd).await,
+        Command::Backup { out } => backup_cmd::backup(&ctx, out).await,
+        Command::Restore { file, data_dir, server, force } => {
+            let server = server.map(|s| s.parse::<crate::backup::ServerKind>()).transpose().map_err(CliError::Usage)?;
+            backup_cmd::restore(&ctx, file, data_dir, server, force).await
+        }
     }
 }
 
@@ -273,7 +322,7 @@ pub const EXIT_INTERRUPTED: u8 = 130;
 /// Prints a failed command's error: always as text on stderr, and with `--json` also as a JSON document
 /// on stdout (unless the command printed its result document already). Returns the exit status.
 pub fn report_error(error: &CliError, json: bool) -> u8 {
-    if json && !matches!(error, CliError::AuditTampered { .. }) {
+    if json && !matches!(error, CliError::AuditTampered { .. } | CliError::NotReady(_)) {
         println!("{}", serde_json::to_string_pretty(&error.to_json()).expect("serializes"));
     }
     eprintln!("error: {error}");

@@ -180,6 +180,47 @@ async fn read_log<M: Message + Default + Send + 'static>(
 /// Opens (or creates) the sled database in `dir` and returns the stores over it. Fails if another process
 /// holds the database (sled locks it).
 pub fn open(dir: &Path) -> Result<Stores, StoreError> {
+    open_with_database(dir).map(|(stores, _)| stores)
+}
+
+/// The open database and its writers' locks, for a backup of the running directory ([`crate::backup`]).
+/// Cheap to clone.
+#[derive(Clone)]
+pub struct SledDatabase {
+    db: sled::Db,
+    catalog: Arc<SledCatalogStore>,
+    revocations: Arc<SledRevocationStore>,
+    grants: Arc<SledGrantStore>,
+}
+
+/// While alive, the catalog, grant and revocation stores apply no write ([`SledDatabase::pause_writes`]).
+#[must_use = "writes resume as soon as this is dropped"]
+pub struct WritesPaused<'a> {
+    _catalog: tokio::sync::MutexGuard<'a, u64>,
+    _grants: tokio::sync::MutexGuard<'a, GrantCounters>,
+    _revocations: tokio::sync::MutexGuard<'a, u64>,
+}
+
+impl SledDatabase {
+    pub fn db(&self) -> &sled::Db {
+        &self.db
+    }
+
+    /// Holds every catalog, grant and revocation write back until the guard is dropped, so each tree's
+    /// entries, change log and counters are copied as of one moment (an iteration sees writes applied
+    /// while it runs). Node registrations and heartbeats go on: each is one key, complete on its own.
+    /// Locks are taken in one fixed order (no write path holds two of them).
+    pub async fn pause_writes(&self) -> WritesPaused<'_> {
+        WritesPaused {
+            _catalog: self.catalog.write_lock.lock().await,
+            _grants: self.grants.write_lock.lock().await,
+            _revocations: self.revocations.write_lock.lock().await,
+        }
+    }
+}
+
+/// [`open`], also returning the database handle a backup needs.
+pub fn open_with_database(dir: &Path) -> Result<(Stores, SledDatabase), StoreError> {
     std::fs::create_dir_all(dir).map_err(|e| StoreError::Backend(format!("{}: {e}", dir.display())))?;
     // sled lets go of its file lock a moment after a database is closed (its background threads finish
     // first), so a quick restart in the same process (tests) or right after a previous process can find it
@@ -196,16 +237,17 @@ pub fn open(dir: &Path) -> Result<Stores, StoreError> {
             }
         }
     };
-    let catalog = SledCatalogStore::open(&db)?;
+    let catalog = Arc::new(SledCatalogStore::open(&db)?);
     let nodes = SledNodeStore { tree: db.open_tree("nodes").map_err(backend)? };
-    let revocations = SledRevocationStore::open(&db)?;
-    let grants = SledGrantStore::open(&db)?;
-    Ok(Stores {
-        catalog: Arc::new(catalog),
+    let revocations = Arc::new(SledRevocationStore::open(&db)?);
+    let grants = Arc::new(SledGrantStore::open(&db)?);
+    let stores = Stores {
+        catalog: catalog.clone(),
         nodes: Arc::new(nodes),
-        revocations: Arc::new(revocations),
-        grants: Arc::new(grants),
-    })
+        revocations: revocations.clone(),
+        grants: grants.clone(),
+    };
+    Ok((stores, SledDatabase { db, catalog, revocations, grants }))
 }
 
 /// Catalog entries and change log in the `catalog` tree.

@@ -59,6 +59,12 @@ impl AuditLog {
         Ok(AuditLog { entries, seals, signer, head: Mutex::new(head) })
     }
 
+    /// Holds appends back while a backup copies the log; the guard shows the head (last seq, its hash).
+    /// Seals need no pause: a seal covers at most the head, and the head cannot move meanwhile.
+    pub(crate) fn pause_appends(&self) -> std::sync::MutexGuard<'_, (u64, String)> {
+        self.head.lock().expect("audit head lock")
+    }
+
     /// The key that verifies this log's seals.
     pub fn verifying_key(&self) -> VerifyingKey {
         self.signer.verifying_key()

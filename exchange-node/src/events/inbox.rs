@@ -56,6 +56,12 @@ impl Inbox {
         Ok(Inbox { tree: db.open_tree(TREE)?, writer: std::sync::Mutex::new(()) })
     }
 
+    /// Holds inbox writes (deliveries, acknowledgements, subscription changes) back while a backup copies
+    /// the tree.
+    pub(crate) fn pause_writes(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.writer.lock().expect("inbox writer")
+    }
+
     pub fn subscription(&self, resource_code: &str) -> Result<Option<Subscription>, NodeError> {
         match self.tree.get(sub_key(resource_code))? {
             Some(v) => Ok(Some(Subscription::decode(v.as_ref()).map_err(corrupt)?)),

@@ -52,6 +52,12 @@ impl Outbox {
         Ok(Outbox { tree: db.open_tree(TREE)?, writer: Mutex::new(()), heads: Mutex::default(), live: Mutex::default() })
     }
 
+    /// Holds subscription writes (acknowledgements, new and ended subscriptions) back while a backup
+    /// copies the table.
+    pub(crate) fn pause_writes(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.writer.lock().expect("outbox writer")
+    }
+
     pub fn get(&self, consumer: &str, resource_code: &str) -> Result<Option<Subscription>, NodeError> {
         match self.tree.get(key(consumer, resource_code))? {
             Some(v) => Ok(Some(Subscription::decode(v.as_ref()).map_err(corrupt)?)),

@@ -132,6 +132,15 @@ pub trait RecordStore: Send + Sync + 'static {
     /// Drops the log's events up to `upto_seq` (whole log entries only: some may stay). Returns how many
     /// log entries were dropped.
     fn trim_events(&self, resource_code: &str, upto_seq: u64) -> Result<u64, RecordStoreError>;
+    /// Holds every write (records, change log, trimming) back until the guard is dropped, so a backup
+    /// copies records, change log and heads as of one moment. Reads go on.
+    fn pause_writes(&self) -> WritesPaused<'_>;
+}
+
+/// While alive, the record store applies no write ([`RecordStore::pause_writes`]).
+#[must_use = "writes resume as soon as this is dropped"]
+pub struct WritesPaused<'a> {
+    pub(crate) _held: std::sync::MutexGuard<'a, ()>,
 }
 
 #[cfg(test)]

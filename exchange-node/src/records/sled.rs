@@ -216,6 +216,8 @@ impl RecordStore for SledRecordStore {
 
     fn prune_batch_ids(&self, resource_code: &str, before_unix_ms: i64) -> Result<u64, RecordStoreError> {
         prefix(resource_code)?;
+        // Under the writer's lock like every write, so `pause_writes` holds this back too.
+        let _writer = self.writer.lock().expect("record store writer");
         let mut batch = sled::Batch::default();
         let mut n = 0;
         for item in self.tree.scan_prefix(batch_id_prefix(resource_code)) {
@@ -313,7 +315,14 @@ impl RecordStore for SledRecordStore {
     fn trim_events(&self, resource_code: &str, upto_seq: u64) -> Result<u64, RecordStoreError> {
         prefix(resource_code)?;
         let head = self.head_seq(resource_code)?;
+        // After `head_seq`, which may take the writer's lock itself. Under it, a backup copying the log
+        // cannot see some of a trim's removals and not others (a gap in the copied log).
+        let _writer = self.writer.lock().expect("record store writer");
         Ok(trim_log(&self.tree, &log_prefix(resource_code), head, upto_seq)?)
+    }
+
+    fn pause_writes(&self) -> super::WritesPaused<'_> {
+        super::WritesPaused { _held: self.writer.lock().expect("record store writer") }
     }
 }
 

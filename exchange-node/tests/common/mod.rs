@@ -119,6 +119,7 @@ pub fn node_config(pki: &Pki, dept: &str, directory_addr: &str, data: &Path, cat
         log_format: LogFormat::Text,
         relay: exchange_node::config::RelayConfig { audit_seal_seconds: 1, ..Default::default() },
         quotas: Vec::new(),
+        admin: None,
         source: None,
     }
 }
@@ -129,6 +130,16 @@ impl TestNode {
         let addr = listener.local_addr().unwrap().to_string();
         let (stop, stopped) = oneshot::channel::<()>();
         let handle = tokio::spawn(exchange_node::server::run_with_timing(listener, config(&addr), fast_timing(), async {
+            let _ = stopped.await;
+        }));
+        TestNode { addr, stop: Some(stop), handle }
+    }
+
+    /// A node on `listener` (and the admin port on `admin`, if given) with `config` as is.
+    pub async fn start_on(listener: TcpListener, admin: Option<TcpListener>, config: Config) -> Self {
+        let addr = listener.local_addr().unwrap().to_string();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let handle = tokio::spawn(exchange_node::server::run_with_admin(listener, admin, config, fast_timing(), async {
             let _ = stopped.await;
         }));
         TestNode { addr, stop: Some(stop), handle }

@@ -1,0 +1,195 @@
+//! What the directory tells its admin port ([`client_sdk::admin`]): readiness checks, gauges, status,
+//! the registered nodes as peers, the catalog, grants, reload and backup.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use client_sdk::admin::api::{
+    CatalogReport, CatalogRow, CertificateInfo, GrantRow, GrantsReport, HealthCheck, IdentityInfo, OutboxReport,
+    PeerInfo, PeersReport, ReloadReport, StatusReport,
+};
+use client_sdk::admin::health::{certificate_check, days_left};
+use client_sdk::admin::metrics::{GaugeText, Metrics};
+use client_sdk::admin::server::AdminSource;
+use client_sdk::admin::AdminConfig;
+use client_sdk::tls::TlsIdentity;
+use exchange_proto::v1::{GrantStatus, NodeStatus, ShareType};
+
+use crate::backup::DirectoryBackupSource;
+use crate::search::CatalogIndex;
+use crate::service::now_unix_ms;
+use crate::store::sled::SledDatabase;
+use crate::store::Stores;
+
+/// Rows the console lists at most (catalog entries, grants): it is a view, not an export.
+const LIST_LIMIT: usize = 500;
+const SOFTWARE_VERSION: &str = concat!("directory/", env!("CARGO_PKG_VERSION"));
+
+/// The directory's side of the admin port.
+pub struct DirectoryAdmin {
+    pub tls: TlsIdentity,
+    pub admin: AdminConfig,
+    pub grpc_address: String,
+    pub data_dir: PathBuf,
+    pub stores: Stores,
+    pub index: Arc<CatalogIndex>,
+    pub database: SledDatabase,
+    pub metrics: Arc<Metrics>,
+    pub backup: Arc<DirectoryBackupSource>,
+    /// Re-reads the certificate and key files (what SIGHUP does).
+    pub reload: Arc<dyn Fn() -> Result<ReloadReport, String> + Send + Sync>,
+}
+
+impl DirectoryAdmin {
+    async fn node_counts(&self) -> (u64, u64) {
+        let now = now_unix_ms();
+        match self.stores.nodes.list(None).await {
+            Ok(nodes) => {
+                let online = nodes.iter().filter(|n| n.status_at(now) == NodeStatus::Online).count() as u64;
+                (online, nodes.len() as u64 - online)
+            }
+            Err(_) => (0, 0),
+        }
+    }
+
+    fn store_check(&self) -> HealthCheck {
+        // A write that must reach the disk: sled reports I/O errors (full disk, read-only mount) on flush.
+        let probe = (|| -> Result<(), sled::Error> {
+            let tree = self.database.db().open_tree("admin_probe")?;
+            tree.insert(b"last", &now_unix_ms().to_be_bytes())?;
+            tree.flush()?;
+            Ok(())
+        })();
+        match probe {
+            Ok(()) => HealthCheck { name: "store".into(), ok: true, detail: format!("writable ({})", self.data_dir.display()) },
+            Err(e) => HealthCheck { name: "store".into(), ok: false, detail: format!("cannot write the store: {e}") },
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl AdminSource for DirectoryAdmin {
+    async fn checks(&self) -> Vec<HealthCheck> {
+        let id = self.tls.current();
+        vec![
+            certificate_check(id.not_after_unix, self.admin.cert_expiry_warning_days),
+            tokio::task::block_in_place(|| self.store_check()),
+        ]
+    }
+
+    async fn gauges(&self, g: &mut GaugeText) {
+        let id = self.tls.current();
+        let (online, offline) = self.node_counts().await;
+        g.gauge("gx_build_info", "Always 1; the labels say what runs", &[("server", "directory"), ("version", SOFTWARE_VERSION), ("department", &id.department)], 1.0)
+            .gauge("gx_directory_nodes", "Registered nodes by lease status", &[("status", "online")], online as f64)
+            .gauge("gx_directory_nodes", "Registered nodes by lease status", &[("status", "offline")], offline as f64)
+            .gauge("gx_catalog_entries", "Live catalog entries in the search index", &[], self.index.len() as f64)
+            .gauge("gx_store_size_bytes", "Size of the directory's sled store on disk", &[], self.database.db().size_on_disk().unwrap_or(0) as f64)
+            .gauge("gx_certificate_expiry_days", "Days until the server certificate expires", &[], days_left(id.not_after_unix) as f64);
+    }
+
+    async fn status(&self) -> StatusReport {
+        let id = self.tls.current();
+        let (online, offline) = self.node_counts().await;
+        StatusReport {
+            server: "directory".into(),
+            version: SOFTWARE_VERSION.into(),
+            identity: IdentityInfo {
+                department: id.department.clone(),
+                role: id.role.to_string(),
+                name: id.name.clone(),
+                serial_hex: id.serial_hex.clone(),
+            },
+            grpc_address: self.grpc_address.clone(),
+            certificate: CertificateInfo {
+                serial_hex: id.serial_hex.clone(),
+                not_after_unix: id.not_after_unix,
+                days_left: days_left(id.not_after_unix),
+                warning_days: self.admin.cert_expiry_warning_days,
+            },
+            store_bytes: self.database.db().size_on_disk().unwrap_or(0),
+            nodes_online: online,
+            nodes_offline: offline,
+            catalog_entries: self.index.len(),
+            ..StatusReport::default()
+        }
+    }
+
+    /// Every registered node is a peer of the directory; calls are counted per department.
+    async fn peers(&self) -> PeersReport {
+        let now = now_unix_ms();
+        let mut peers: BTreeMap<String, PeerInfo> = BTreeMap::new();
+        for n in self.stores.nodes.list(None).await.unwrap_or_default() {
+            let online = n.status_at(now) == NodeStatus::Online;
+            let p = peers.entry(n.department.clone()).or_insert_with(|| PeerInfo {
+                department: n.department.clone(),
+                status: "offline".into(),
+                ..PeerInfo::default()
+            });
+            if online || p.address.is_empty() {
+                p.address = n.address.clone();
+            }
+            if online {
+                p.status = "online".into();
+            }
+            p.last_seen_unix_ms = p.last_seen_unix_ms.max(n.last_heartbeat_unix_ms);
+        }
+        for row in self.metrics.traffic_report().rows {
+            if let Some(p) = peers.get_mut(&row.peer) {
+                p.inbound_requests += row.requests;
+                p.errors += row.errors;
+            }
+        }
+        PeersReport { peers: peers.into_values().collect() }
+    }
+
+    async fn outbox(&self) -> OutboxReport {
+        OutboxReport::default()
+    }
+
+    async fn catalog(&self) -> CatalogReport {
+        let entries = self.stores.catalog.live_entries_after(None, LIST_LIMIT).await.unwrap_or_default();
+        CatalogReport {
+            entries: entries
+                .iter()
+                .map(|e| CatalogRow {
+                    code: e.resource_code.clone(),
+                    name: e.name.clone(),
+                    share_type: ShareType::try_from(e.share_type).map(|s| s.as_str_name().to_string()).unwrap_or_default(),
+                    items: e.data_items.len() as u64,
+                    version: e.version,
+                    withdrawn: e.withdrawn,
+                })
+                .collect(),
+        }
+    }
+
+    async fn grants(&self) -> GrantsReport {
+        let mut grants = self.stores.grants.list(None).await.unwrap_or_default();
+        grants.truncate(LIST_LIMIT);
+        GrantsReport {
+            grants: grants
+                .into_iter()
+                .map(|g| GrantRow {
+                    state: GrantStatus::try_from(g.status).map(|s| s.as_str_name().to_string()).unwrap_or_default(),
+                    items: if g.granted_items.is_empty() { g.requested_items.clone() } else { g.granted_items.clone() },
+                    id: g.grant_id,
+                    resource: g.resource_code,
+                    provider: g.provider_code,
+                    consumer: g.consumer_code,
+                    expires_unix_ms: g.expires_at_unix_ms,
+                })
+                .collect(),
+        }
+    }
+
+    async fn reload(&self) -> Result<ReloadReport, String> {
+        let reload = self.reload.clone();
+        tokio::task::spawn_blocking(move || reload()).await.map_err(|e| e.to_string())?
+    }
+
+    async fn backup(&self) -> Result<PathBuf, String> {
+        crate::backup::backup_to_temp_file(self.backup.clone()).await.map(|(path, _)| path).map_err(|e| e.to_string())
+    }
+}
