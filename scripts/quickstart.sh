@@ -6,13 +6,15 @@
 # with a bulk sync and a deregistration event, and the audit trail, and keeps running until Ctrl-C.
 #
 # State (PKI, configs, stores, logs) goes to $GX_HOME (default ./.quickstart), wiped at each start.
-# Ports: directory $GX_DIRECTORY_PORT (7400), nodes 7401-7404 (override with GX_BASE_PORT).
+# Ports: directory $GX_DIRECTORY_PORT (7400), nodes 7401-7404 (override with GX_BASE_PORT); admin ports
+# (metrics, health, web console) directory 9400, nodes 9401-9404 (override with GX_ADMIN_BASE_PORT).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 GX_HOME=${GX_HOME:-$ROOT/.quickstart}
 DIR_PORT=${GX_DIRECTORY_PORT:-7400}
 BASE_PORT=${GX_BASE_PORT:-7401}
+ADMIN_BASE_PORT=${GX_ADMIN_BASE_PORT:-9400}
 DEPTS=(tax commerce quality police)
 
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
@@ -22,9 +24,9 @@ cargo build --workspace --bins --quiet
 BIN=$ROOT/target/debug
 CTL=$BIN/exchangectl
 
-for port in "$DIR_PORT" $(seq "$BASE_PORT" $((BASE_PORT + ${#DEPTS[@]} - 1))); do
+for port in "$DIR_PORT" $(seq "$BASE_PORT" $((BASE_PORT + ${#DEPTS[@]} - 1))) $(seq "$ADMIN_BASE_PORT" $((ADMIN_BASE_PORT + ${#DEPTS[@]}))); do
   if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-    echo "port $port is in use (another quickstart running?). Set GX_DIRECTORY_PORT / GX_BASE_PORT." >&2
+    echo "port $port is in use (another quickstart running?). Set GX_DIRECTORY_PORT / GX_BASE_PORT / GX_ADMIN_BASE_PORT." >&2
     exit 1
   fi
 done
@@ -43,6 +45,9 @@ for d in "${DEPTS[@]}"; do
   "$CTL" pki issue --dir "$PKI" --dept "$d" --role app --name "$d-app" >/dev/null
 done
 ls "$PKI"
+# The admin ports' bearer token (for the web console in a browser; exchangectl uses operator certificates).
+TOKEN_FILE=$GX_HOME/config/admin.token
+(umask 077; head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$TOKEN_FILE")
 
 cat > "$GX_HOME/config/directory.toml" <<TOML
 listen = "127.0.0.1:$DIR_PORT"
@@ -53,6 +58,10 @@ lease_ttl_seconds = 15
 ca = "$PKI/ca.crt"
 cert = "$PKI/directory.crt"
 key = "$PKI/directory.key"
+
+[admin]
+listen = "127.0.0.1:$ADMIN_BASE_PORT"
+token_file = "$TOKEN_FILE"
 TOML
 
 PIDS=()
@@ -72,9 +81,9 @@ PIDS+=($!)
 
 export EXCHANGE_PKI_DIR=$PKI EXCHANGE_IDENTITY=central-operator EXCHANGE_DIRECTORY=127.0.0.1:$DIR_PORT
 # `as NAME NODE-DEPT args...`: exchangectl as certificate NAME, talking to NODE-DEPT's node.
-declare -A NODE_PORT
+declare -A NODE_PORT ADMIN_PORT
 port=$BASE_PORT
-for d in "${DEPTS[@]}"; do NODE_PORT[$d]=$port; port=$((port + 1)); done
+for d in "${DEPTS[@]}"; do NODE_PORT[$d]=$port; ADMIN_PORT[$d]=$((ADMIN_BASE_PORT + port - BASE_PORT + 1)); port=$((port + 1)); done
 as() { local who=$1 dept=$2; shift 2; "$CTL" --identity "$who" --node "127.0.0.1:${NODE_PORT[$dept]}" "$@"; }
 for _ in $(seq 100); do "$CTL" whoami >/dev/null 2>&1 && break; sleep 0.1; done
 
@@ -91,6 +100,10 @@ catalog_file = "$ROOT/deploy/local/catalog/$d.toml"
 ca = "$PKI/ca.crt"
 cert = "$PKI/$d-node.crt"
 key = "$PKI/$d-node.key"
+
+[admin]
+listen = "127.0.0.1:${ADMIN_PORT[$d]}"
+token_file = "$TOKEN_FILE"
 TOML
   say "Starting the $d node on 127.0.0.1:$port"
   "$BIN/exchange-node" --config "$GX_HOME/config/$d-node.toml" >"$GX_HOME/logs/$d-node.log" 2>&1 &
@@ -168,6 +181,9 @@ cat <<INFO
 gov-exchange is running.
   directory    127.0.0.1:$DIR_PORT      (log: $GX_HOME/logs/directory.log)
   nodes        tax 127.0.0.1:${NODE_PORT[tax]}, commerce 127.0.0.1:${NODE_PORT[commerce]}, quality 127.0.0.1:${NODE_PORT[quality]}, police 127.0.0.1:${NODE_PORT[police]}
+  consoles     https://127.0.0.1:${ADMIN_PORT[commerce]}/ (commerce; tax ${ADMIN_PORT[tax]}, quality ${ADMIN_PORT[quality]}, police ${ADMIN_PORT[police]}, directory $ADMIN_BASE_PORT)
+               token: $(cat "$TOKEN_FILE")   (the browser warns about the certificate: it is signed by $PKI/ca.crt)
+  metrics      https://127.0.0.1:${ADMIN_PORT[commerce]}/metrics   health /healthz /readyz
   state        $GX_HOME/data   (logs: $GX_HOME/logs)
   certificates $PKI   (CA, directory, central-operator, and per department: node, operator, app)
 

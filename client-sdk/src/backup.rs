@@ -77,6 +77,14 @@ impl ServerKind {
         }
     }
 
+    /// "an exchange-node", "a directory".
+    pub fn with_article(self) -> &'static str {
+        match self {
+            ServerKind::ExchangeNode => "an exchange-node",
+            ServerKind::Directory => "a directory",
+        }
+    }
+
     /// Where this server's sled database sits inside its data directory ("" = the data directory itself).
     pub fn db_dir(self) -> &'static str {
         match self {
@@ -176,7 +184,7 @@ pub enum BackupError {
     Corrupt { offset: u64, reason: String },
     #[error("the backup file is corrupt: its content hashes to {actual} but its checksum says {expected}")]
     ChecksumMismatch { expected: String, actual: String },
-    #[error("this is a backup of a {found}, not of a {expected}")]
+    #[error("this file is {} backup, not {} backup", found.with_article(), expected.with_article())]
     WrongServer { found: ServerKind, expected: ServerKind },
     #[error("{0} is not empty: restore into an empty or new folder, or pass --force to move the existing folder aside (it is kept, never deleted)")]
     TargetNotEmpty(PathBuf),
@@ -968,7 +976,7 @@ mod tests {
         let target = dir.path().join("restored");
 
         // Every single flipped bit in a sample of positions, header and trailer included.
-        for pos in (0..bytes.len()).step_by(97).chain([bytes.len() - 1, bytes.len() - 40]) {
+        for pos in (0..bytes.len()).step_by(251).chain([bytes.len() - 1, bytes.len() - 40]) {
             let mut damaged = bytes.clone();
             damaged[pos] ^= 0x10;
             std::fs::write(dir.path().join("damaged"), &damaged).unwrap();

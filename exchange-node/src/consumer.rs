@@ -29,6 +29,7 @@ use exchange_proto::v1::{
 use prost::Message;
 use tonic::transport::Channel;
 use tonic::Request;
+use tracing::Instrument;
 
 use crate::audit::{AuditRecord, Side};
 use crate::error::NodeError;
@@ -187,11 +188,19 @@ impl Consumer {
             app,
             &body.purpose,
         );
+        // Every log line of this request, here and at the provider (which gets the same id), carries the
+        // message id, so one request can be followed across departments.
+        let span = tracing::info_span!("relay", message_id = %message_id, side = "consumer", resource = %audit.resource_code);
         let result = match allowed {
-            Ok(()) => self.relay(&message_id, &body, &mut audit).await,
+            Ok(()) => self.relay(&message_id, &body, &mut audit).instrument(span.clone()).await,
             Err(e) => Err(e),
         };
-        x.close_audit(audit, result, |r| r.data_items.clone())
+        let _entered = span.enter();
+        let result = x.close_audit(audit, result, |r| r.data_items.clone());
+        if result.is_ok() {
+            tracing::debug!("relayed request answered");
+        }
+        result
     }
 
     async fn relay(

@@ -14,6 +14,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use tracing::Instrument;
+
 use client_sdk::auth::caller;
 use client_sdk::identity::{PeerIdentity, Role};
 use exchange_proto::limits::MAX_QUERY_KEYS;
@@ -352,8 +354,15 @@ impl Relay for RelayService {
             &id,
             &body.purpose,
         );
-        let result = self.serve(&id, &body, &mut audit).await;
-        x.close_audit(audit, result, |r| r.data_items.clone()).map(Response::new).map_err(Status::from)
+        // The consumer's message id (bounded by open_audit) on every log line of this request.
+        let span = tracing::info_span!("relay", message_id = %audit.message_id, side = "provider", consumer = %id.department, resource = %audit.resource_code);
+        let result = self.serve(&id, &body, &mut audit).instrument(span.clone()).await;
+        let _entered = span.enter();
+        let result = x.close_audit(audit, result, |r| r.data_items.clone());
+        if result.is_ok() {
+            tracing::debug!("relayed request served");
+        }
+        result.map(Response::new).map_err(Status::from)
     }
 
     async fn subscribe(

@@ -90,7 +90,7 @@ impl Reloadable {
             Ok(rotation) => {
                 if rotation.changed() {
                     // New calls to other nodes open new connections, which present the new certificate.
-                    //TMP self.consumer.drop_connections();
+                    self.consumer.drop_connections();
                     tracing::info!(
                         old_serial = %rotation.old.serial_hex,
                         old_not_after = rotation.old.not_after_unix,

@@ -78,19 +78,29 @@ impl Site {
         let mut all = vec!["--pki-dir", &pki, "--identity", identity, "--directory", &dir];
         all.extend_from_slice(args);
         let out = e2e_tests::procs::exchangectl(&all);
-        (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+        (
+            out.status.success(),
+            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+        )
     }
 
     fn init_pki(&self) {
         let pki = self.path("pki").display().to_string();
         let out = e2e_tests::procs::exchangectl(&["pki", "init", "--dir", &pki]);
         assert!(out.status.success(), "pki init: {}", String::from_utf8_lossy(&out.stderr));
-        let mut identities = vec![("central", "directory", "directory".to_string()), ("central", "operator", "central-operator".into())];
+        let mut identities =
+            vec![("central", "directory", "directory".to_string()), ("central", "operator", "central-operator".into())];
         for d in ["commerce", "quality"] {
-            identities.extend([(d, "node", format!("{d}-node")), (d, "operator", format!("{d}-operator")), (d, "app", format!("{d}-app"))]);
+            identities.extend([
+                (d, "node", format!("{d}-node")),
+                (d, "operator", format!("{d}-operator")),
+                (d, "app", format!("{d}-app")),
+            ]);
         }
         for (dept, role, name) in identities {
-            let out = e2e_tests::procs::exchangectl(&["pki", "issue", "--dir", &pki, "--dept", dept, "--role", role, "--name", &name]);
+            let out = e2e_tests::procs::exchangectl(&[
+                "pki", "issue", "--dir", &pki, "--dept", dept, "--role", role, "--name", &name,
+            ]);
             assert!(out.status.success(), "pki issue {name}: {}", String::from_utf8_lossy(&out.stderr));
         }
     }
@@ -115,8 +125,15 @@ impl Site {
             tables = self.tls_and_admin("directory", admin_port),
         );
         std::fs::write(&config, text).unwrap();
-        let proc = Proc::start("directory", "directory", &["--config", config.to_str().unwrap()], &self.path("logs/directory.log"));
-        wait_for("the directory to answer", Duration::from_secs(30), || self.ctl("central-operator", &["whoami"]).0.then_some(()));
+        let proc = Proc::start(
+            "directory",
+            "directory",
+            &["--config", config.to_str().unwrap()],
+            &self.path("logs/directory.log"),
+        );
+        wait_for("the directory to answer", Duration::from_secs(30), || {
+            self.ctl("central-operator", &["whoami"]).0.then_some(())
+        });
         proc
     }
 
@@ -130,13 +147,20 @@ impl Site {
             tables = self.tls_and_admin(&format!("{dept}-node"), admin_port),
         );
         std::fs::write(&config, text).unwrap();
-        Proc::start(&format!("{dept}-node"), "exchange-node", &["--config", config.to_str().unwrap()], &self.path(&format!("logs/{dept}-node.log")))
+        Proc::start(
+            &format!("{dept}-node"),
+            "exchange-node",
+            &["--config", config.to_str().unwrap()],
+            &self.path(&format!("logs/{dept}-node.log")),
+        )
     }
 
     fn node_online(&self, dept: &str) -> bool {
         let (ok, out) = self.ctl("central-operator", &["--json", "nodes"]);
         let nodes: Value = if ok { serde_json::from_str(&out).unwrap_or_default() } else { Value::Null };
-        nodes["nodes"].as_array().is_some_and(|list| list.iter().any(|n| n["department"] == dept && n["status"] == "online"))
+        nodes["nodes"]
+            .as_array()
+            .is_some_and(|list| list.iter().any(|n| n["department"] == dept && n["status"] == "online"))
     }
 }
 
@@ -177,7 +201,7 @@ impl Browser {
             "--disable-sync",
             "--disable-dev-shm-usage",
             "--ignore-certificate-errors",
-            "--window-size=1400,1200",
+            "--window-size=1400,2000",
         ]
         .map(String::from)
         .into_iter()
@@ -200,7 +224,10 @@ impl Browser {
                     let _ = e;
                     std::thread::sleep(Duration::from_millis(200));
                 }
-                Err(e) => panic!("no WebDriver session from {CHROMEDRIVER}: {e}\n{}", std::fs::read_to_string(log).unwrap_or_default()),
+                Err(e) => panic!(
+                    "no WebDriver session from {CHROMEDRIVER}: {e}\n{}",
+                    std::fs::read_to_string(log).unwrap_or_default()
+                ),
             }
         };
         Browser { runtime, client: Some(client), driver, _profile: profile }
@@ -216,7 +243,9 @@ impl Browser {
 
     /// Runs `script` in the page (a function body; a returned promise is awaited) and returns its value.
     fn js(&self, script: &str) -> Value {
-        self.runtime.block_on(self.client().execute(script, vec![])).unwrap_or_else(|e| panic!("script failed: {e}\n{script}"))
+        self.runtime
+            .block_on(self.client().execute(script, vec![]))
+            .unwrap_or_else(|e| panic!("script failed: {e}\n{script}"))
     }
 
     fn text(&self, id: &str) -> String {
@@ -244,24 +273,35 @@ impl Browser {
         self.js(&script).as_array().cloned().unwrap_or_default()
     }
 
+    /// Saves `<name>.png` of the page into the folder `GX_CONSOLE_SCREENSHOTS` names, if set: to look at
+    /// what the test saw.
+    fn screenshot_if_asked(&self, name: &str) {
+        if let Some(dir) = std::env::var_os("GX_CONSOLE_SCREENSHOTS") {
+            let png = self.runtime.block_on(self.client().screenshot()).expect("screenshot");
+            std::fs::write(Path::new(&dir).join(format!("{name}.png")), png).expect("write the screenshot");
+        }
+    }
+
     fn delete_cookies(&self) {
         self.runtime.block_on(self.client().delete_all_cookies()).expect("delete cookies");
     }
 
     fn type_and_submit(&self, input: &str, value: &str, button: &str) {
-        self.runtime.block_on(async {
-            let field = self.client().find(Locator::Id(input)).await?;
-            field.send_keys(value).await?;
-            self.client().find(Locator::Id(button)).await?.click().await
-        })
-        .expect("fill the login form");
+        self.runtime
+            .block_on(async {
+                let field = self.client().find(Locator::Id(input)).await?;
+                field.send_keys(value).await?;
+                self.client().find(Locator::Id(button)).await?.click().await
+            })
+            .expect("fill the login form");
     }
 }
 
 impl Drop for Browser {
     fn drop(&mut self) {
         if let Some(client) = self.client.take() {
-            let _ = self.runtime.block_on(async { tokio::time::timeout(Duration::from_secs(10), client.close()).await });
+            let _ =
+                self.runtime.block_on(async { tokio::time::timeout(Duration::from_secs(10), client.close()).await });
         }
         // chromedriver and any Chromium left behind by a failed test, by their process group.
         let _ = Command::new("kill").args(["-KILL", "--", &format!("-{}", self.driver.id())]).status();
@@ -293,7 +333,13 @@ fn console_shows_live_traffic_refusals_and_needs_the_token() {
     for (resource, file) in [(REGISTRATION, "commerce-enterprises.json"), (PENALTIES, "commerce-penalties.json")] {
         let file = records.join(file);
         wait_for("commerce's records stored", Duration::from_secs(30), || {
-            at("commerce-app", commerce_port, &["records", "put", "--resource", resource, "--file", file.to_str().unwrap()]).0.then_some(())
+            at(
+                "commerce-app",
+                commerce_port,
+                &["records", "put", "--resource", resource, "--file", file.to_str().unwrap()],
+            )
+            .0
+            .then_some(())
         });
     }
 
@@ -314,21 +360,30 @@ fn console_shows_live_traffic_refusals_and_needs_the_token() {
     let registration = catalog.iter().find(|r| r["data"]["code"] == REGISTRATION).unwrap();
     assert_eq!(registration["cells"][1], "企业登记信息", "{registration}");
     assert!(browser.number("cert-days").is_some_and(|d| d > 0), "certificate days left: {}", browser.text("cert-days"));
-    wait_for("the node to report ready", LIVE_WAIT, || (browser.js("return document.getElementById('ready-badge').dataset.ready") == "true").then_some(()));
+    wait_for("the node to report ready", LIVE_WAIT, || {
+        (browser.js("return document.getElementById('ready-badge').dataset.ready") == "true").then_some(())
+    });
     assert!(browser.js("return document.getElementById('banner').hidden") == true, "no banner while polls succeed");
 
     // Relayed queries from quality make the figures of the same open page grow.
     let before = wait_for("a request total", LIVE_WAIT, || browser.number("total-requests"));
     let updated_before = browser.updated();
     for _ in 0..3 {
-        let (ok, out) = at("quality-app", quality_port, &["records", "get", "--resource", REGISTRATION, COMPANY, "--purpose", "控制台测试"]);
+        let (ok, out) = at(
+            "quality-app",
+            quality_port,
+            &["records", "get", "--resource", REGISTRATION, COMPANY, "--purpose", "控制台测试"],
+        );
         assert!(ok, "quality reads commerce's registration: {out}");
     }
-    let after = wait_for("#total-requests to grow", LIVE_WAIT, || browser.number("total-requests").filter(|n| *n > before));
+    let after =
+        wait_for("#total-requests to grow", LIVE_WAIT, || browser.number("total-requests").filter(|n| *n > before));
     assert!(browser.updated() > updated_before, "the page polled again");
     let inbound = wait_for("an inbound traffic row for quality", LIVE_WAIT, || {
         browser.rows("#traffic-table tbody").into_iter().find(|r| {
-            r["data"]["direction"] == "inbound" && r["data"]["peer"] == "quality" && r["data"]["resource"] == REGISTRATION
+            r["data"]["direction"] == "inbound"
+                && r["data"]["peer"] == "quality"
+                && r["data"]["resource"] == REGISTRATION
         })
     });
     let relayed: u64 = inbound["cells"][3].as_str().unwrap_or("").replace(',', "").parse().unwrap_or(0);
@@ -336,24 +391,50 @@ fn console_shows_live_traffic_refusals_and_needs_the_token() {
 
     // Quality has no grant for the penalties: commerce refuses, and the refusal shows up in the list.
     let (ok, out) = at("quality-app", quality_port, &["records", "get", "--resource", PENALTIES, COMPANY]);
-    assert!(!ok && (out.contains("PERMISSION_DENIED") || out.to_lowercase().contains("grant")), "quality must be refused: {out}");
+    assert!(
+        !ok && (out.contains("PERMISSION_DENIED") || out.to_lowercase().contains("grant")),
+        "quality must be refused: {out}"
+    );
     let refused = wait_for("a PERMISSION_DENIED row in #refused-list", LIVE_WAIT, || {
         browser.rows("#refused-list").into_iter().find(|r| r["data"]["code"] == "PERMISSION_DENIED")
     });
     assert!(refused["cells"][1].as_str().unwrap_or("").contains("quality"), "the refused caller is named: {refused}");
 
     // Quality asks for access: the pending grant appears in commerce's grants table.
-    let (ok, out) = at("quality-app", quality_port, &["--json", "grants", "request", "--resource", PENALTIES, "--items", "统一社会信用代码,当事人名称", "--purpose", "控制台测试"]);
+    let (ok, out) = at(
+        "quality-app",
+        quality_port,
+        &[
+            "--json",
+            "grants",
+            "request",
+            "--resource",
+            PENALTIES,
+            "--items",
+            "统一社会信用代码,当事人名称",
+            "--purpose",
+            "控制台测试",
+        ],
+    );
     assert!(ok, "grant request: {out}");
     let grant: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"));
-    let id = grant["grant_id"].as_str().or_else(|| grant["grant"]["grant_id"].as_str()).unwrap_or_else(|| panic!("{grant}")).to_string();
-    wait_for("the grant in #grants-table", LIVE_WAIT, || browser.rows("#grants-table tbody").into_iter().find(|r| r["data"]["id"] == id.as_str()));
+    let id = grant["grant_id"]
+        .as_str()
+        .or_else(|| grant["grant"]["grant_id"].as_str())
+        .unwrap_or_else(|| panic!("{grant}"))
+        .to_string();
+    let row = wait_for("the grant in #grants-table", LIVE_WAIT, || {
+        browser.rows("#grants-table tbody").into_iter().find(|r| r["data"]["id"] == id.as_str())
+    });
+    assert_eq!(row["cells"][4], "pending", "{row}");
+    browser.screenshot_if_asked("console");
 
     // The session ends (cookie gone): a banner says so, and the last figures stay on the page.
     let shown = browser.number("total-requests");
     browser.delete_cookies();
     let banner = wait_for("the 401 banner", LIVE_WAIT, || {
-        let visible = browser.js("const b = document.getElementById('banner'); return !b.hidden && b.dataset.status === '401'");
+        let visible =
+            browser.js("const b = document.getElementById('banner'); return !b.hidden && b.dataset.status === '401'");
         (visible == true).then(|| browser.text("banner"))
     });
     assert!(banner.contains("401"), "{banner}");
@@ -361,10 +442,19 @@ fn console_shows_live_traffic_refusals_and_needs_the_token() {
 
     // A wrong token: the login page again, with the error, and no data.
     browser.goto(&format!("{commerce}/login?token=not-the-token-at-all"));
-    assert!(browser.text("login-error").contains("wrong token"), "login page with an error: {}", browser.text("login-error"));
+    assert!(
+        browser.text("login-error").contains("wrong token"),
+        "login page with an error: {}",
+        browser.text("login-error")
+    );
+    browser.screenshot_if_asked("login-refused");
     assert_eq!(browser.js("return document.getElementById('login-form') !== null"), true);
     assert_eq!(browser.js("return document.getElementById('total-requests') === null && document.getElementById('catalog-table') === null"), true);
-    assert_eq!(browser.js("return fetch('/api/catalog').then(r => r.status)"), 401, "the API refuses a browser without the cookie");
+    assert_eq!(
+        browser.js("return fetch('/api/catalog').then(r => r.status)"),
+        401,
+        "the API refuses a browser without the cookie"
+    );
     assert!(!browser.js("return document.documentElement.outerHTML").as_str().unwrap_or("").contains("企业登记信息"));
     // Without any cookie, / is the login page too.
     browser.goto(&format!("{commerce}/"));
@@ -373,14 +463,24 @@ fn console_shows_live_traffic_refusals_and_needs_the_token() {
     // Signing in with the form (POST /login) brings the live console back.
     browser.type_and_submit("token", TOKEN, "login-submit");
     wait_for("the console after signing in with the form", PAGE_WAIT, || {
-        (browser.js("return document.getElementById('catalog-table') !== null").as_bool() == Some(true) && browser.updated() > 0).then_some(())
+        (browser.js("return document.getElementById('catalog-table') !== null").as_bool() == Some(true)
+            && browser.updated() > 0)
+            .then_some(())
     });
     let total = browser.number("total-requests").expect("a total after signing in");
     assert!(total >= after, "{total} >= {after}");
 
     // The directory serves the same console with what applies to it.
     browser.goto(&format!("https://127.0.0.1:{directory_admin}/login?token={TOKEN}"));
-    wait_for("the directory's console", PAGE_WAIT, || (browser.text("server-kind") == "directory" && browser.updated() > 0).then_some(()));
-    wait_for("two nodes online in the directory's console", LIVE_WAIT, || (browser.number("nodes-online") == Some(2)).then_some(()));
-    assert_eq!(browser.js("return document.getElementById('directory-facts').hidden"), true, "no directory state on the directory");
+    wait_for("the directory's console", PAGE_WAIT, || {
+        (browser.text("server-kind") == "directory" && browser.updated() > 0).then_some(())
+    });
+    wait_for("two nodes online in the directory's console", LIVE_WAIT, || {
+        (browser.number("nodes-online") == Some(2)).then_some(())
+    });
+    assert_eq!(
+        browser.js("return document.getElementById('directory-facts').hidden"),
+        true,
+        "no directory state on the directory"
+    );
 }

@@ -9,6 +9,8 @@
 //! - the Kubernetes manifests reference only ConfigMaps, Secrets and volumes they define, probe
 //!   `/healthz` and `/readyz` on the mounted config's admin port, keep data_dir on a claim, run as
 //!   non-root; `kubectl kustomize` builds them (where installed);
+//! - the compose configs, moved onto loopback, start real servers whose probes answer without
+//!   credentials, whose metrics carry the names the dashboard uses, and that survive SIGHUP;
 //! - Prometheus configs, alert rules (with promtool's unit tests, where installed) and the Grafana
 //!   dashboard use only the metric names the servers export.
 //!
@@ -20,7 +22,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use e2e_tests::procs::bin_path;
+use client_sdk::admin::client::{AdminAuth, AdminClient};
+use client_sdk::tls::{TlsIdentity, TlsPaths};
+use e2e_tests::procs::{bin_path, wait_for, Proc};
 use serde_yaml_ng::Value as Yaml;
 
 fn repo_root() -> PathBuf {
@@ -193,10 +197,8 @@ fn server_configs() -> Vec<PathBuf> {
 #[test]
 fn every_server_config_under_deploy_parses_with_the_real_config_types() {
     let configs = server_configs();
-    let names: BTreeSet<String> = configs
-        .iter()
-        .map(|p| p.strip_prefix(repo_root().join("deploy")).unwrap().display().to_string())
-        .collect();
+    let names: BTreeSet<String> =
+        configs.iter().map(|p| p.strip_prefix(repo_root().join("deploy")).unwrap().display().to_string()).collect();
     for expected in [
         "config/directory.example.toml",
         "config/node.example.toml",
@@ -264,7 +266,12 @@ impl Unit {
             let (key, value) =
                 line.split_once('=').unwrap_or_else(|| panic!("{}:{}: not key=value", path.display(), n + 1));
             let section = current.clone().unwrap_or_else(|| panic!("{}: key before any section", path.display()));
-            sections.entry(section).or_default().entry(key.trim().to_string()).or_default().push(value.trim().to_string());
+            sections
+                .entry(section)
+                .or_default()
+                .entry(key.trim().to_string())
+                .or_default()
+                .push(value.trim().to_string());
         }
         Unit { path: path.to_path_buf(), sections }
     }
@@ -425,10 +432,8 @@ fn systemd_analyze_verify_accepts_the_units() {
     let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "systemd-analyze verify failed:\n{said}");
     // Unknown keys and similar are only warnings to systemd, with the exit status still 0.
-    let about_ours: Vec<&str> = said
-        .lines()
-        .filter(|l| files.iter().any(|f| l.contains(f.file_name().unwrap().to_str().unwrap())))
-        .collect();
+    let about_ours: Vec<&str> =
+        said.lines().filter(|l| files.iter().any(|f| l.contains(f.file_name().unwrap().to_str().unwrap()))).collect();
     assert!(about_ours.is_empty(), "systemd-analyze verify warns about the units:\n{}", about_ours.join("\n"));
     if !said.trim().is_empty() {
         println!("systemd-analyze verify (not about these units):\n{said}");
@@ -507,7 +512,8 @@ fn dockerfile_copies_only_existing_paths_and_builds_the_three_binaries() {
                         assert_eq!(stage_name, builder, "COPY --from={stage_name}");
                         if stage == 2 && *dest == "/usr/local/bin/" {
                             for src in sources {
-                                runtime_binaries.insert(Path::new(src).file_name().unwrap().to_str().unwrap().to_string());
+                                runtime_binaries
+                                    .insert(Path::new(src).file_name().unwrap().to_str().unwrap().to_string());
                             }
                         }
                     }
@@ -656,7 +662,11 @@ fn compose_file_mounts_real_configs_and_checks_their_admin_ports() {
         }
         assert_eq!(service["depends_on"]["pki"]["condition"].as_str(), Some("service_completed_successfully"), "{at}");
         let stop = systemd_seconds(yaml_str(&service["stop_grace_period"]));
-        assert!(stop > config.stop_seconds(), "{at}: stop_grace_period {stop}s cuts the {}s drain", config.stop_seconds());
+        assert!(
+            stop > config.stop_seconds(),
+            "{at}: stop_grace_period {stop}s cuts the {}s drain",
+            config.stop_seconds()
+        );
         assert_eq!(service["read_only"].as_bool(), Some(true), "{at}: read_only root filesystem");
         assert!(yaml_strs(&service["cap_drop"]).contains(&"ALL".to_string()), "{at}: cap_drop ALL");
 
@@ -679,13 +689,8 @@ fn compose_file_mounts_real_configs_and_checks_their_admin_ports() {
 fn run_script(script: &Path, args: &[&str], env: &[(&str, &str)]) -> String {
     let bin_dir = bin_path("exchangectl").parent().unwrap().to_path_buf();
     let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap_or_default());
-    let out = Command::new("sh")
-        .arg(script)
-        .args(args)
-        .env("PATH", path)
-        .envs(env.iter().copied())
-        .output()
-        .expect("run sh");
+    let out =
+        Command::new("sh").arg(script).args(args).env("PATH", path).envs(env.iter().copied()).output().expect("run sh");
     let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "{} failed:\n{said}", script.display());
     said
@@ -722,11 +727,13 @@ fn compose_pki_script_issues_every_certificate_the_configs_name_and_keeps_them()
         let mount = compose_mounts(service).into_iter().find(|m| &m.target == target).unwrap();
         let config = ServerConfig::read(&deploy("docker").join(&mount.source));
         for tls in config.tls_files() {
-            let rel = tls.strip_prefix(&format!("{pki_target}/")).unwrap_or_else(|| panic!("{tls} outside {pki_target}"));
+            let rel =
+                tls.strip_prefix(&format!("{pki_target}/")).unwrap_or_else(|| panic!("{tls} outside {pki_target}"));
             assert!(pki.join(rel).is_file(), "{name}: the pki service did not issue {tls}");
         }
     }
-    let key_mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(pki.join("tax-node.key")).unwrap().permissions());
+    let key_mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(pki.join("tax-node.key")).unwrap().permissions());
     assert_eq!(key_mode & 0o077, 0, "keys are private to their owner");
 
     // Every `docker compose up` runs it again: nothing may change.
@@ -734,6 +741,146 @@ fn compose_pki_script_issues_every_certificate_the_configs_name_and_keeps_them()
     let second = run_script(&script, &[], &env);
     assert!(second.contains("CA kept") && !second.contains("issued"), "{second}");
     assert_eq!(snapshot(&pki), before, "a second run changed the PKI");
+}
+
+/// The compose config `file` made runnable here: the same settings, with the container's paths moved
+/// into `home` and its addresses onto loopback ports (`ports`: gRPC, admin; `directory`: the
+/// directory's gRPC address, for a node).
+fn localize(file: &str, home: &Path, ports: (u16, u16), directory: Option<&str>) -> PathBuf {
+    let shipped = ServerConfig::read(&deploy("docker/config").join(file));
+    let mut table = shipped.table.clone();
+    let moved =
+        |path: &str, under: &str| home.join(under).join(Path::new(path).file_name().unwrap()).display().to_string();
+    table.insert("listen".into(), format!("127.0.0.1:{}", ports.0).into());
+    table.insert("data_dir".into(), moved(shipped.data_dir(), "data").into());
+    let admin = table.get_mut("admin").and_then(|a| a.as_table_mut()).expect("[admin]");
+    admin.insert("listen".into(), format!("127.0.0.1:{}", ports.1).into());
+    let tls = table.get_mut("tls").and_then(|t| t.as_table_mut()).expect("[tls]");
+    for key in ["ca", "cert", "key"] {
+        let path = tls[key].as_str().unwrap().to_string();
+        tls.insert(key.into(), moved(&path, "pki").into());
+    }
+    if let Some(directory) = directory {
+        let dept = file.trim_end_matches(".toml");
+        table.insert("directory_address".into(), directory.into());
+        table.insert("advertise_address".into(), format!("127.0.0.1:{}", ports.0).into());
+        let catalog = deploy("local/catalog").join(format!("{dept}.toml"));
+        table.insert("catalog_file".into(), catalog.display().to_string().into());
+    }
+    let path = home.join("config").join(file);
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(&path, toml::to_string(&table).unwrap()).unwrap();
+    path
+}
+
+/// The metric families in a Prometheus exposition, histogram series folded into their family.
+fn exported_families(text: &str) -> BTreeSet<String> {
+    text.lines()
+        .filter(|l| l.starts_with("gx_"))
+        .flat_map(|l| metric_names(l.split(['{', ' ']).next().unwrap()))
+        .collect()
+}
+
+#[test]
+fn shipped_compose_configs_start_real_servers_that_answer_their_probes_and_survive_reload() {
+    let home = tempfile::tempdir().expect("tempdir");
+    let pki = home.path().join("pki");
+    let pki_str = pki.display().to_string();
+    run_script(&deploy("docker/pki-init.sh"), &[], &[("PKI_DIR", pki_str.as_str()), ("DEPARTMENTS", "tax")]);
+    std::fs::create_dir_all(home.path().join("logs")).unwrap();
+    let (dir_grpc, dir_admin, node_grpc, node_admin) = (
+        e2e_tests::procs::free_port(),
+        e2e_tests::procs::free_port(),
+        e2e_tests::procs::free_port(),
+        e2e_tests::procs::free_port(),
+    );
+    let directory_config = localize("directory.toml", home.path(), (dir_grpc, dir_admin), None);
+    let directory_address = format!("127.0.0.1:{dir_grpc}");
+    let node_config = localize("tax.toml", home.path(), (node_grpc, node_admin), Some(&directory_address));
+
+    let mut directory = Proc::start(
+        "directory",
+        "directory",
+        &["--config", &directory_config.display().to_string()],
+        &home.path().join("logs/directory.log"),
+    );
+    let mut node = Proc::start(
+        "tax node",
+        "exchange-node",
+        &["--config", &node_config.display().to_string()],
+        &home.path().join("logs/tax.log"),
+    );
+
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let client = |port: u16, operator: Option<&str>| {
+        let client = operator.map(|name| TlsIdentity::load(&TlsPaths::in_dir(&pki, name)).expect("operator identity"));
+        AdminClient::connect(&format!("127.0.0.1:{port}"), AdminAuth { ca: pki.join("ca.crt"), client, token: None })
+            .expect("admin client")
+            .with_timeout(std::time::Duration::from_secs(5))
+    };
+    let get =
+        |port: u16, operator: Option<&str>, path: &str| runtime.block_on(client(port, operator).get_text(path)).ok();
+
+    // What the compose health checks and the kubelet ask, without credentials.
+    let doc = compose();
+    for (service, port) in [("directory", dir_admin), ("tax", node_admin)] {
+        let check = yaml_strs(&doc["services"][service]["healthcheck"]["test"]).join(" ");
+        let path = &check[check.rfind('/').expect("a URL path")..];
+        wait_for(&format!("{service} {path} answers 200"), std::time::Duration::from_secs(40), || {
+            get(port, None, path).filter(|(status, _)| *status == 200)
+        });
+        let (status, body) = get(port, None, "/healthz").expect("healthz");
+        assert_eq!((status, body.trim()), (200, "ok"), "{service} /healthz");
+        let (status, _) = get(port, None, "/metrics").expect("metrics");
+        assert_eq!(status, 401, "{service}: /metrics without credentials");
+    }
+
+    // The families the dashboard and the alerts rely on from the first scrape on.
+    let always = [
+        "gx_ready",
+        "gx_maintenance",
+        "gx_build_info",
+        "gx_uptime_seconds",
+        "gx_store_size_bytes",
+        "gx_certificate_expiry_days",
+    ];
+    for (what, port, operator, extra) in [
+        (
+            "directory",
+            dir_admin,
+            "central-operator",
+            &["gx_directory_nodes", "gx_catalog_entries", "gx_requests_total", "gx_request_duration_seconds"][..],
+        ),
+        (
+            "tax node",
+            node_admin,
+            "tax-operator",
+            &["gx_directory_state_age_seconds", "gx_directory_state_stale", "gx_directory_staleness_bound_seconds"][..],
+        ),
+    ] {
+        let (status, text) = get(port, Some(operator), "/metrics").expect("metrics");
+        assert_eq!(status, 200, "{what} /metrics as {operator}: {text}");
+        let families = exported_families(&text);
+        for family in always.iter().chain(extra) {
+            assert!(METRICS.contains(family), "{family} is not in the test's list of exported metrics");
+            assert!(families.contains(*family), "{what} does not export {family}; it exports {families:?}");
+        }
+    }
+
+    // ExecReload= sends SIGHUP: the servers reload and keep running.
+    for proc in [&directory, &node] {
+        let status = Command::new("kill").args(["-HUP", &proc.pid().to_string()]).status().expect("kill -HUP");
+        assert!(status.success());
+    }
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    assert!(directory.running(), "the directory died of SIGHUP:\n{}", directory.log_text());
+    assert!(node.running(), "the node died of SIGHUP:\n{}", node.log_text());
+    for port in [dir_admin, node_admin] {
+        assert_eq!(get(port, None, "/healthz").map(|(s, _)| s), Some(200), "healthz after SIGHUP");
+    }
+    // SIGTERM, as systemd, compose and the kubelet stop them: a clean exit within the stop timeout.
+    assert!(node.stop(), "the node did not stop cleanly:\n{}", node.log_text());
+    assert!(directory.stop(), "the directory did not stop cleanly:\n{}", directory.log_text());
 }
 
 // ------------------------------------------------------------------------------------------------------
@@ -811,7 +958,9 @@ fn kustomized() -> Kustomized {
         let name = yaml_str(&o["metadata"]["name"]).to_string();
         match yaml_str(&o["kind"]) {
             "ConfigMap" => {
-                let keys = o["data"].as_mapping().map(|m| m.keys().map(|k| (yaml_str(k).to_string(), String::new())).collect());
+                let keys = o["data"]
+                    .as_mapping()
+                    .map(|m| m.keys().map(|k| (yaml_str(k).to_string(), String::new())).collect());
                 config_maps.insert(name, keys.unwrap_or_default());
             }
             "Secret" => {
@@ -891,7 +1040,11 @@ fn kubernetes_manifests_reference_only_what_they_define_and_probe_the_admin_port
             } else if let Some(claim) = v["persistentVolumeClaim"]["claimName"].as_str() {
                 assert!(pvcs.contains_key(claim), "{at}: volume {vname}: no PersistentVolumeClaim {claim}");
                 assert_eq!(spec["replicas"].as_u64(), Some(1), "{at}: one pod per ReadWriteOnce claim");
-                assert_eq!(spec["strategy"]["type"].as_str(), Some("Recreate"), "{at}: sled allows one process per store");
+                assert_eq!(
+                    spec["strategy"]["type"].as_str(),
+                    Some("Recreate"),
+                    "{at}: sled allows one process per store"
+                );
             } else {
                 assert!(!v["emptyDir"].is_null(), "{at}: volume {vname} of an unexpected type");
             }
@@ -918,7 +1071,8 @@ fn kubernetes_manifests_reference_only_what_they_define_and_probe_the_admin_port
             let at = format!("{at} container {cname}");
             let security = &c["securityContext"];
             assert!(
-                security["runAsNonRoot"].as_bool() == Some(true) || pod_security["runAsNonRoot"].as_bool() == Some(true),
+                security["runAsNonRoot"].as_bool() == Some(true)
+                    || pod_security["runAsNonRoot"].as_bool() == Some(true),
                 "{at}: runAsNonRoot"
             );
             for uid in [&security["runAsUser"], &pod_security["runAsUser"]] {
@@ -988,7 +1142,9 @@ fn kubernetes_manifests_reference_only_what_they_define_and_probe_the_admin_port
             // Probes: /healthz and /readyz over HTTPS on the admin port the config opens, without credentials.
             let admin = config.admin_port();
             assert!(config.open_probes(), "{at}: the kubelet's probes present no credentials: open_probes = true");
-            for (probe, path) in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz"), ("startupProbe", "/healthz")] {
+            for (probe, path) in
+                [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz"), ("startupProbe", "/healthz")]
+            {
                 if probe == "startupProbe" && c[probe].is_null() {
                     continue;
                 }
@@ -997,8 +1153,12 @@ fn kubernetes_manifests_reference_only_what_they_define_and_probe_the_admin_port
                 assert_eq!(get["scheme"].as_str(), Some("HTTPS"), "{at}: {probe} scheme");
                 assert_eq!(container_port(c, &get["port"]), admin, "{at}: {probe} port vs [admin] listen");
             }
-            let declared: BTreeSet<u16> =
-                c["ports"].as_sequence().expect("ports").iter().map(|p| p["containerPort"].as_u64().unwrap() as u16).collect();
+            let declared: BTreeSet<u16> = c["ports"]
+                .as_sequence()
+                .expect("ports")
+                .iter()
+                .map(|p| p["containerPort"].as_u64().unwrap() as u16)
+                .collect();
             assert!(declared.contains(&config.grpc_port()), "{at}: gRPC port {} not declared", config.grpc_port());
 
             // Services in front of this pod: their targetPorts are ports of this container.
@@ -1091,13 +1251,9 @@ fn kubernetes_certificate_script_fills_the_secrets_and_kustomize_builds() {
         assert_eq!(&built_keys, keys, "Secret {name}");
     }
     for o in &objects {
-        assert_eq!(
-            o["metadata"]["namespace"].as_str().or(o["metadata"]["name"].as_str().filter(|_| o["kind"] == "Namespace")),
-            Some(k.namespace.as_str()),
-            "{:?} {:?} outside the namespace",
-            o["kind"],
-            o["metadata"]["name"]
-        );
+        let (kind, name) = (yaml_str(&o["kind"]), yaml_str(&o["metadata"]["name"]));
+        let namespace = if kind == "Namespace" { Some(name) } else { o["metadata"]["namespace"].as_str() };
+        assert_eq!(namespace, Some(k.namespace.as_str()), "{kind} {name} is outside the namespace");
     }
 }
 
@@ -1178,22 +1334,16 @@ fn assert_known_metrics(what: &str, expr: &str) {
         assert!(METRICS.contains(&name.as_str()), "{what}: {name} is not a metric the servers export ({expr})");
     }
     for h in HISTOGRAMS {
-        assert!(
-            !Regexless::contains_word(expr, h),
-            "{what}: use {h}_bucket/_sum/_count, not the bare histogram name ({expr})"
-        );
+        assert!(!contains_word(expr, h), "{what}: use {h}_bucket/_sum/_count, not the bare histogram name ({expr})");
     }
 }
 
-/// Word search without pulling in a regex crate.
-struct Regexless;
-impl Regexless {
-    fn contains_word(text: &str, word: &str) -> bool {
-        text.match_indices(word).any(|(i, _)| {
-            let after = text[i + word.len()..].chars().next();
-            !after.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
-        })
-    }
+/// Whether `word` occurs in `text` not followed by more of an identifier.
+fn contains_word(text: &str, word: &str) -> bool {
+    text.match_indices(word).any(|(i, _)| {
+        let after = text[i + word.len()..].chars().next();
+        !after.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
+    })
 }
 
 #[test]
@@ -1222,8 +1372,12 @@ fn prometheus_scrapes_every_admin_port_over_https_with_client_credentials() {
                 }
                 _ => assert!(job["authorization"]["credentials_file"].as_str().is_some(), "{at}: credentials_file"),
             }
-            let targets: Vec<String> =
-                job["static_configs"].as_sequence().expect("static_configs").iter().flat_map(|s| yaml_strs(&s["targets"])).collect();
+            let targets: Vec<String> = job["static_configs"]
+                .as_sequence()
+                .expect("static_configs")
+                .iter()
+                .flat_map(|s| yaml_strs(&s["targets"]))
+                .collect();
             let expected_port = match name.as_str() {
                 "gx-directory" => Some(systemd_dir.admin_port()),
                 "gx-node-tax" => Some(systemd_tax.admin_port()),
@@ -1294,8 +1448,12 @@ fn grafana_dashboard_is_valid_and_plots_the_exported_metrics() {
     let path = deploy("grafana/gov-exchange.json");
     let dash: serde_json::Value = serde_json::from_str(&read(&path)).expect("dashboard JSON");
     assert_eq!(dash["uid"], "gov-exchange");
-    let variables: BTreeSet<&str> =
-        dash["templating"]["list"].as_array().expect("templating").iter().map(|v| v["name"].as_str().unwrap()).collect();
+    let variables: BTreeSet<&str> = dash["templating"]["list"]
+        .as_array()
+        .expect("templating")
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
     assert!(variables.contains("datasource"), "a datasource variable, so the dashboard imports anywhere");
 
     let mut ids = BTreeSet::new();
@@ -1311,7 +1469,10 @@ fn grafana_dashboard_is_valid_and_plots_the_exported_metrics() {
         }
         let title = panel["title"].as_str().expect("title");
         assert_eq!(panel["datasource"]["uid"], "${datasource}", "panel {title}");
-        let targets = panel["targets"].as_array().filter(|t| !t.is_empty()).unwrap_or_else(|| panic!("panel {title}: no queries"));
+        let targets = panel["targets"]
+            .as_array()
+            .filter(|t| !t.is_empty())
+            .unwrap_or_else(|| panic!("panel {title}: no queries"));
         for t in targets {
             let expr = t["expr"].as_str().unwrap_or_else(|| panic!("panel {title}: query without expr"));
             assert_known_metrics(&format!("panel {title}"), expr);
@@ -1319,12 +1480,12 @@ fn grafana_dashboard_is_valid_and_plots_the_exported_metrics() {
         }
     }
     let used: BTreeSet<String> = exprs.iter().flat_map(|(_, e)| metric_names(e)).collect();
-    let unplotted: Vec<&&str> =
-        METRICS.iter().filter(|m| !used.contains(**m) && **m != "gx_build_info").collect();
+    let unplotted: Vec<&&str> = METRICS.iter().filter(|m| !used.contains(**m) && **m != "gx_build_info").collect();
     assert!(unplotted.is_empty(), "metrics on no panel: {unplotted:?}");
     for q in [0.5, 0.95] {
         assert!(
-            exprs.iter().any(|(_, e)| e.contains(&format!("histogram_quantile({q}, ")) && e.contains("gx_relay_duration_seconds_bucket")),
+            exprs.iter().any(|(_, e)| e.contains(&format!("histogram_quantile({q}, "))
+                && e.contains("gx_relay_duration_seconds_bucket")),
             "no p{} of relay latency",
             q * 100.0
         );
@@ -1337,7 +1498,10 @@ fn grafana_dashboard_is_valid_and_plots_the_exported_metrics() {
     let mut rules = String::from("groups:\n  - name: dashboard\n    rules:\n");
     for (i, (_, expr)) in exprs.iter().enumerate() {
         let filled = expr.replace("$__rate_interval", "5m").replace("$job", ".*").replace("$instance", ".*");
-        rules.push_str(&format!("      - record: dashboard_query_{i}\n        expr: {}\n", serde_json::to_string(&filled).unwrap()));
+        rules.push_str(&format!(
+            "      - record: dashboard_query_{i}\n        expr: {}\n",
+            serde_json::to_string(&filled).unwrap()
+        ));
     }
     let dir = tempfile::tempdir().expect("tempdir");
     let file = dir.path().join("dashboard-rules.yml");

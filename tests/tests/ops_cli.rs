@@ -289,7 +289,6 @@ fn status_top_peers_outbox_and_admin_switches_over_the_admin_port() {
     // The same screen as text: one screen, aligned.
     let text = site.ctl("tax-operator", "tax", &["status", "--interval-ms", "500"]);
     assert!(text.ok(), "{}", text.stderr);
-    eprintln!("DEBUG-STATUS\n{}", text.stdout);
     for expected in ["exchange-node tax/tax-node (node)", "ready        yes", "certificate  serial", "directory    127.0.0.1:", "registered, state current", "traffic      served ", "since start", "backlog      outbox", "commerce", "latest refused requests", "PERMISSION_DENIED"] {
         assert!(text.stdout.contains(expected), "`{expected}` missing:\n{}", text.stdout);
     }
@@ -309,11 +308,20 @@ fn status_top_peers_outbox_and_admin_switches_over_the_admin_port() {
     assert!(rates.windows(2).all(|w| w[0] >= w[1]), "busiest first: {rates:?}");
     let top = site.ctl("tax-operator", "tax", &["top", "--iterations", "2", "--interval", "0.5"]);
     assert!(top.ok(), "{}", top.stderr);
-    eprintln!("DEBUG-TOP\n{}", top.stdout);
     assert!(!top.stdout.contains('\x1b'), "no escape codes when stdout is not a terminal: {:?}", top.stdout);
     assert_eq!(top.stdout.matches("direction  peer").count(), 2, "{}", top.stdout);
     assert!(top.stdout.contains("outbound") && top.stdout.contains(REGISTRATION), "{}", top.stdout);
     drop(traffic);
+    // Ctrl-C ends a live top cleanly.
+    let (pki, admin) = (site.pki(), site.admin("tax"));
+    let log = site.path("logs/top.log");
+    let mut live = Proc::start("top", "exchangectl", &["--pki-dir", &pki, "--identity", "tax-operator", "--admin", &admin, "top", "--interval", "0.3"], &log);
+    wait_for("a frame of top", Duration::from_secs(20), || std::fs::read_to_string(&log).ok().filter(|t| t.contains("direction  peer")).map(|_| ()));
+    let interrupted = std::process::Command::new("kill").args(["-INT", &live.pid().to_string()]).status().unwrap();
+    assert!(interrupted.success());
+    let status = wait_for("top to exit after Ctrl-C", Duration::from_secs(10), || live.child.as_mut().unwrap().try_wait().unwrap());
+    assert!(status.success(), "Ctrl-C is a clean end: {status:?}\n{}", live.log_text());
+    live.child = None;
 
     // peers, on both sides of the relay.
     let peers = site.ctl("tax-operator", "tax", &["peers"]);
@@ -352,7 +360,6 @@ fn status_top_peers_outbox_and_admin_switches_over_the_admin_port() {
     });
     assert_eq!(row["resource"], REGISTRATION, "{row}");
     let text = site.ctl("commerce-operator", "commerce", &["outbox"]);
-    eprintln!("DEBUG-OUTBOX\n{}", text.stdout);
     assert!(text.stdout.starts_with("outbox: other departments subscribed to ours"), "{}", text.stdout);
     let line = text.stdout.lines().find(|l| l.starts_with("tax ")).unwrap_or_else(|| panic!("{}", text.stdout));
     assert!(line.contains(REGISTRATION) && line.ends_with("no"), "subscriber tax, not connected: {line}");
@@ -398,8 +405,6 @@ fn status_top_peers_outbox_and_admin_switches_over_the_admin_port() {
     assert_eq!(status["identity"]["department"], "central");
     assert!(status["nodes_online"].as_u64().unwrap() + status["nodes_offline"].as_u64().unwrap() >= 2, "{status}");
     let text = site.ctl("central-operator", "central", &["status", "--interval-ms", "200"]);
-    eprintln!("DEBUG-DIR\n{}", text.stdout);
-    eprintln!("DEBUG-WRONG\n{}\n{}", wrong.stderr, other.stderr);
     assert!(text.stdout.contains("nodes        ") && text.stdout.contains("catalog"), "{}", text.stdout);
 
     // An admin port nobody listens on: exit status 3.

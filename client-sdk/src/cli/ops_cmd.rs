@@ -378,7 +378,7 @@ impl StatusView {
             .map(|l| l.trim_end().to_string() + "\n")
             .collect();
         text.push('\n');
-        text.push_str(&peers_rate_table(&self.peers, rates, now_ms));
+        text.push_str(&peers_rate_table(&self.peers, rates, &r.identity.department, now_ms));
         if !self.recent_refused.is_empty() {
             text.push_str(&format!("\nlatest refused requests ({} since start)\n", r.traffic.refused));
             text.push_str(&refused_table(&self.recent_refused, now_ms));
@@ -395,9 +395,9 @@ fn refused_table(refused: &[RefusedRequest], now_ms: i64) -> String {
     t.render()
 }
 
-/// Peers with their rates in the window; a department seen in the traffic but not listed as a peer (an
-/// application of the server's own department, say) gets a row too.
-fn peers_rate_table(peers: &[PeerInfo], rates: &StatusRates, now_ms: i64) -> String {
+/// Peers with their rates in the window; a department that called in the window without being listed as
+/// a peer (the server's own applications, `own`) gets a row too.
+fn peers_rate_table(peers: &[PeerInfo], rates: &StatusRates, own_department: &str, now_ms: i64) -> String {
     let mut t = Table::new(&["peer", "status", "address", "req/s", "errors", "in", "out", "errors total", "last seen"])
         .align(3, Align::Right)
         .align(4, Align::Right)
@@ -422,10 +422,10 @@ fn peers_rate_table(peers: &[PeerInfo], rates: &StatusRates, now_ms: i64) -> Str
             format_age(now_ms, p.last_seen_unix_ms),
         ]);
     }
-    for (peer, rate) in rates.by_peer.iter().filter(|(peer, _)| !listed.contains(peer.as_str())) {
+    for (peer, rate) in rates.by_peer.iter().filter(|(peer, rate)| !listed.contains(peer.as_str()) && rate.window_requests > 0) {
         t.row([
             peer.clone(),
-            "-".into(),
+            if peer == own_department { "own" } else { "-" }.into(),
             "-".into(),
             rate_text(rate.requests_per_second),
             percent_text(rate.error_percent),
@@ -499,9 +499,10 @@ impl TopFrame {
         }
     }
 
-    /// `title` names the server; `max_rows` keeps a frame on one screen (0: no limit).
-    pub fn human(&self, title: &str, max_rows: usize) -> String {
-        let mut text = format!("{title}  {}\n", format_unix(self.at_unix_ms / 1000));
+    /// `title` names the server, `note` ends the first line; `max_rows` keeps a frame on one screen (0: no
+    /// limit).
+    pub fn human(&self, title: &str, note: &str, max_rows: usize) -> String {
+        let mut text = format!("{title}  {}  {note}\n", format_unix(self.at_unix_ms / 1000));
         text.push_str(&format!(
             "served {}   relayed in {}   relayed out {}   (last {:.1}s)\n\n",
             summary_text(&self.served),
@@ -549,14 +550,9 @@ pub(super) async fn top(ctx: &Ctx, interval_seconds: f64, iterations: Option<u64
     let interval = Duration::from_secs_f64(interval_seconds);
     let admin = ctx.admin()?;
     let report: StatusReport = get(&admin, "/api/status").await?;
-    let title = format!(
-        "{} {}/{} at {}  every {:.1}s, Ctrl-C to quit",
-        dash(&report.server),
-        dash(&report.identity.department),
-        dash(&report.identity.name),
-        admin.address(),
-        interval.as_secs_f64()
-    );
+    let title =
+        format!("{} {}/{} at {}", dash(&report.server), dash(&report.identity.department), dash(&report.identity.name), admin.address());
+    let note = format!("every {}s, Ctrl-C to quit", interval.as_secs_f64());
     let terminal = std::io::stdout().is_terminal() && !ctx.out.json;
     // A frame that scrolls off the top of a terminal is unreadable: leave room for the header lines.
     let max_rows = if terminal {
@@ -599,7 +595,7 @@ pub(super) async fn top(ctx: &Ctx, interval_seconds: f64, iterations: Option<u64
         } else if refreshes > 1 && !ctx.out.json {
             println!();
         }
-        ctx.out.emit_line(&frame, || frame.human(&title, max_rows).trim_end().to_string());
+        ctx.out.emit_line(&frame, || frame.human(&title, &note, max_rows).trim_end().to_string());
     }
     Ok(())
 }
@@ -981,6 +977,7 @@ mod tests {
         assert!(peer_lines[1].starts_with("commerce  online  127.0.0.1:7402   20.0"), "{text}");
         assert!(peer_lines[1].ends_with("4s ago"), "{text}");
         assert!(peer_lines[2].starts_with("quality   -"), "{text}");
+        assert!(peer_lines[3].starts_with("tax       own"), "{text}");
         assert!(text.lines().all(|l| !l.ends_with(' ')), "{text:?}");
 
         let json = serde_json::to_value(&view).unwrap();
@@ -1050,16 +1047,16 @@ mod tests {
     fn top_frame_lists_rows_busiest_first_and_caps_them() {
         let (before, after) = snapshots();
         let frame = TopFrame::new(after.at_unix_ms, traffic_rates(&before, &after, Duration::ZERO));
-        let text = frame.human("exchange-node tax/tax-node at 127.0.0.1:9401", 0);
+        let text = frame.human("exchange-node tax/tax-node at 127.0.0.1:9401", "every 2s", 0);
         let lines: Vec<&str> = text.lines().collect();
-        assert!(lines[0].starts_with("exchange-node tax/tax-node at 127.0.0.1:9401  1970-01-01 00:16:42 UTC"), "{text}");
+        assert_eq!(lines[0], "exchange-node tax/tax-node at 127.0.0.1:9401  1970-01-01 00:16:42 UTC  every 2s", "{text}");
         assert_eq!(lines[1], "served 22.0 req/s, 31.8% errors   relayed in 0 req/s   relayed out 20.0 req/s, 25.0% errors   (last 2.0s)");
         assert!(lines[3].starts_with("direction  peer      resource / method"), "{text}");
         assert!(lines[4].starts_with("api        tax       /govexchange.v1.ExchangeNode/QueryRecords"), "{text}");
         assert!(lines[4].contains(" 20.0   25.0%    10.0       140"), "{text}");
         assert!(lines[5].starts_with("outbound   commerce  101001/000001"), "{text}");
         assert!(lines[7].starts_with("inbound    quality") && lines[7].contains("  -       -"), "{text}");
-        let capped = frame.human("t", 2);
+        let capped = frame.human("t", "", 2);
         assert!(capped.ends_with("... 2 quieter rows not shown\n"), "{capped}");
         let line = serde_json::to_string(&frame).unwrap();
         assert!(!line.contains('\n'));
@@ -1067,7 +1064,7 @@ mod tests {
         assert_eq!(json["rows"][0]["window_requests"], 40);
         assert_eq!(json["rows"][3]["error_percent"], serde_json::Value::Null);
         let empty = TopFrame::new(0, RateWindow { seconds: 2.0, rows: vec![] });
-        assert!(empty.human("t", 0).ends_with("no traffic yet\n"));
+        assert!(empty.human("t", "", 0).ends_with("no traffic yet\n"));
     }
 
     #[test]

@@ -76,6 +76,9 @@
     return `${i === 0 ? n : n.toFixed(1)} ${units[i]}`;
   }
 
+  // Protobuf enum names as people say them: SHARE_TYPE_UNCONDITIONAL -> unconditional.
+  const enumLabel = (name, prefix) => (name || '').replace(prefix, '').toLowerCase().replace(/_/g, ' ');
+
   function badge(id, text, kind) {
     const el = $(id);
     el.textContent = text;
@@ -228,7 +231,7 @@
       if (e.withdrawn) tr.className = 'muted';
       cell(tr, e.code, 'mono');
       cell(tr, e.name);
-      cell(tr, e.share_type);
+      cell(tr, enumLabel(e.share_type, 'SHARE_TYPE_'));
       [e.items, e.version].forEach((v) => cell(tr, number(v), 'num'));
       cell(tr, e.withdrawn ? 'yes' : '');
     });
@@ -237,7 +240,7 @@
       tr.dataset.state = g.state;
       cell(tr, g.id, 'mono');
       cell(tr, g.resource, 'mono');
-      [g.provider, g.consumer, g.state, (g.items || []).join('、')].forEach((v) => cell(tr, v));
+      [g.provider, g.consumer, enumLabel(g.state, 'GRANT_STATUS_'), (g.items || []).join('、')].forEach((v) => cell(tr, v));
       cell(tr, g.expires_unix_ms ? time(g.expires_unix_ms) : 'never');
     });
 
