@@ -17,6 +17,8 @@
 //!   resumable exactly-once reader of a subscription's events), `SnapshotReader` (resumable bulk sync) and
 //!   `Replica` (an in-memory copy kept exact by versions).
 //! - [`process`]: what every server binary shares: log set-up and the shutdown signal.
+//! - [`telemetry`]: logs plus optional OpenTelemetry trace export (`[telemetry]`), and W3C trace context
+//!   in gRPC metadata.
 //! - [`catalog`]: catalog entries as TOML/JSON people edit and read, and their conversion to the wire type.
 //! - [`error`]: turns a gRPC `Status` (with google.rpc details) into a typed [`error::ClientError`].
 //! - [`cli`]: the operator CLI `exchangectl` (commands, output, tables); `src/bin/exchangectl.rs` only
@@ -36,6 +38,7 @@ pub mod pki;
 pub mod process;
 pub mod records;
 pub mod status;
+pub mod telemetry;
 pub mod tls;
 
 pub use exchange_proto as proto;

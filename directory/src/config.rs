@@ -69,6 +69,9 @@ pub struct Config {
     /// The admin port (`[admin]`): metrics, health, console, operator API. None: no admin port.
     #[serde(default)]
     pub admin: Option<client_sdk::admin::AdminConfig>,
+    /// OpenTelemetry trace export (`[telemetry]`); absent: none. Read at start only.
+    #[serde(default)]
+    pub telemetry: client_sdk::telemetry::TelemetryConfig,
     /// The file this configuration was read from (SIGHUP re-reads the `[tls]` paths from it); not a TOML key.
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -96,6 +99,7 @@ impl Config {
             max_connection_age_seconds: DEFAULT_MAX_CONNECTION_AGE_SECONDS,
             log_format: LogFormat::Text,
             admin: None,
+            telemetry: Default::default(),
             source: None,
         }
     }
@@ -155,6 +159,7 @@ impl Config {
                 return Err(ConfigError::Invalid(format!("admin.listen {} is the gRPC listen address too", admin.listen)));
             }
         }
+        self.telemetry.validate().map_err(ConfigError::Invalid)?;
         Ok(())
     }
 
@@ -204,5 +209,16 @@ mod tests {
         assert!(Config::from_toml_str(&format!("log_format = \"xml\"\n{base}")).is_err());
         let json = Config::from_toml_str(&format!("log_format = \"json\"\n{base}")).unwrap();
         assert_eq!(json.log_format, LogFormat::Json);
+    }
+
+    #[test]
+    fn telemetry_table_is_optional_and_a_bad_endpoint_is_refused() {
+        let base = "listen = \"x:1\"\ndata_dir = \"d\"\n[tls]\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\n";
+        assert!(!Config::from_toml_str(base).unwrap().telemetry.enabled());
+        let on = format!("{base}[telemetry]\notlp_endpoint = \"http://127.0.0.1:4317\"\nservice_name = \"directory-east\"\n");
+        let c = Config::from_toml_str(&on).unwrap();
+        assert_eq!(c.telemetry.service_name.as_deref(), Some("directory-east"));
+        let err = Config::from_toml_str(&on.replace("http://127.0.0.1:4317", "https://collector:4317")).unwrap_err();
+        assert!(err.to_string().contains("telemetry.otlp_endpoint"), "{err}");
     }
 }

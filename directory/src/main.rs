@@ -29,7 +29,7 @@ const DRAIN_LIMIT: Duration = Duration::from_secs(30);
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let config = Config::from_file(&args.config)?;
-    client_sdk::process::init_logging(config.log_format);
+    let _telemetry = client_sdk::telemetry::init_telemetry(config.log_format, &config.telemetry, "directory")?;
     let listener = tokio::net::TcpListener::bind(&config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;

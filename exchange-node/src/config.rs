@@ -54,6 +54,9 @@ pub struct Config {
     /// The admin port (`[admin]`): metrics, health, console, operator API. None: no admin port.
     #[serde(default)]
     pub admin: Option<client_sdk::admin::AdminConfig>,
+    /// OpenTelemetry trace export (`[telemetry]`); absent: none. Read at start only.
+    #[serde(default)]
+    pub telemetry: client_sdk::telemetry::TelemetryConfig,
     /// The file this configuration was read from (for reloads); not a TOML key.
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -161,6 +164,7 @@ impl Config {
             return Err("relay.max_directory_staleness_seconds must be at least 1 (default 3600)".into());
         }
         QuotaTable::new(&self.quotas).map_err(|e| e.to_string())?;
+        self.telemetry.validate()?;
         Ok(())
     }
 }
@@ -223,6 +227,22 @@ key = "/etc/keys/tax-node.key"
         assert!(err.contains("max_directory_staleness_seconds"), "{err}");
         let set = zero.replace("= 0", "= 600");
         assert_eq!(Config::from_toml(&set, Path::new(".")).unwrap().relay.max_directory_staleness_seconds, 600);
+    }
+
+    #[test]
+    fn telemetry_is_off_unless_an_endpoint_is_given_and_a_bad_endpoint_stops_the_start() {
+        let c = Config::from_toml(MINIMAL, Path::new(".")).unwrap();
+        assert!(!c.telemetry.enabled());
+        let on = format!("{MINIMAL}\n[telemetry]\notlp_endpoint = \"http://127.0.0.1:4317\"\nsample_ratio = 0.25\n");
+        let c = Config::from_toml(&on, Path::new(".")).unwrap();
+        assert_eq!(c.telemetry.otlp_endpoint.as_deref(), Some("http://127.0.0.1:4317"));
+        assert_eq!(c.telemetry.sample_ratio, 0.25);
+        let bad = on.replace("http://127.0.0.1:4317", "127.0.0.1:4317");
+        let err = Config::from_toml(&bad, Path::new(".")).unwrap_err();
+        assert!(err.contains("telemetry.otlp_endpoint") && err.contains("http://host:port"), "{err}");
+        let typo = on.replace("sample_ratio", "sampling");
+        let err = Config::from_toml(&typo, Path::new(".")).unwrap_err();
+        assert!(err.contains("sampling"), "{err}");
     }
 
     #[test]

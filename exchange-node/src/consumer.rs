@@ -253,6 +253,8 @@ impl Consumer {
                 let mut client = self.peer(&department, &address)?;
                 let mut req = Request::new(request.clone());
                 req.set_timeout(self.settings.call_timeout);
+                // The provider's `relay` span joins this one's trace (W3C traceparent; only when exporting).
+                client_sdk::telemetry::inject_trace_context(&tracing::Span::current(), req.metadata_mut());
                 audit.request_out_us = now_us();
                 let answer = client.fetch_records(req).await;
                 audit.response_in_us = now_us();

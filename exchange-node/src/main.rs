@@ -61,10 +61,20 @@ async fn main() -> anyhow::Result<()> {
         std::process::exit(code);
     }
     let config = Config::load(&args.config.context("--config is required")?)?;
-    client_sdk::process::init_logging(config.log_format);
+    let service_name = default_service_name(&config);
+    let _telemetry = client_sdk::telemetry::init_telemetry(config.log_format, &config.telemetry, &service_name)?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     exchange_node::server::run(listener, config, client_sdk::process::shutdown_signal()).await?;
     Ok(())
+}
+
+/// `exchange-node-<department>`, the department read from the node certificate; a certificate that cannot
+/// be read here is reported by the server right after, with its own error.
+fn default_service_name(config: &Config) -> String {
+    match client_sdk::tls::TlsIdentity::load(&config.tls) {
+        Ok(identity) => format!("exchange-node-{}", identity.current().department),
+        Err(_) => "exchange-node".to_string(),
+    }
 }

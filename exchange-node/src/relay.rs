@@ -341,7 +341,7 @@ impl Relay for RelayService {
         request: Request<FetchRecordsRequest>,
     ) -> Result<Response<FetchRecordsResponse>, Status> {
         let id = caller(&request)?.clone();
-        let body = request.into_inner();
+        let (metadata, _, body) = request.into_parts();
         let x = &self.exchange;
         let mut audit = x.open_audit(
             &body.message_id,
@@ -356,6 +356,7 @@ impl Relay for RelayService {
         );
         // The consumer's message id (bounded by open_audit) on every log line of this request.
         let span = tracing::info_span!("relay", message_id = %audit.message_id, side = "provider", consumer = %id.department, resource = %audit.resource_code);
+        client_sdk::telemetry::set_remote_parent(&span, &metadata);
         let result = self.serve(&id, &body, &mut audit).instrument(span.clone()).await;
         let _entered = span.enter();
         let result = x.close_audit(audit, result, |r| r.data_items.clone());

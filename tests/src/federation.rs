@@ -89,6 +89,7 @@ pub async fn start_node(
         relay: RelayConfig::default(),
         quotas: Vec::new(),
         admin: None,
+        telemetry: Default::default(),
         source: None,
     };
     let admin = TcpListener::bind("127.0.0.1:0").await?;

@@ -8,6 +8,8 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::ScopedJoinHandle;
 use std::time::{Duration, Instant};
 
 use e2e_tests::procs::{free_port, wait_for, Proc};
@@ -45,6 +47,19 @@ fn chromium_available() -> bool {
     );
     eprintln!("SKIPPED console test: {CHROMIUM} is missing (apt-get install chromium chromium-driver)");
     false
+}
+
+/// Polls `f` every 100 ms for up to [`LIVE_WAIT`], and stops early (with None) once `worker` has finished:
+/// a query thread that failed leaves nothing to wait for.
+fn wait_for_while<T, W>(worker: &ScopedJoinHandle<'_, W>, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + LIVE_WAIT;
+    while Instant::now() < deadline && !worker.is_finished() {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    f()
 }
 
 /// A directory and two department nodes, each with an admin port opened by one token file.
@@ -164,12 +179,22 @@ impl Site {
     }
 }
 
-/// chromedriver (in its own process group, so the Chromium it starts goes with it) and one WebDriver
-/// session, used synchronously so the test reads like the steps an operator takes.
+/// chromedriver, in a process group of its own so that the Chromium it starts is killed with it, even
+/// when a failed test never closed its session.
+struct ChromeDriver(Child);
+
+impl Drop for ChromeDriver {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").args(["-KILL", "--", &format!("-{}", self.0.id())]).status();
+        let _ = self.0.wait();
+    }
+}
+
+/// One WebDriver session, used synchronously so the test reads like the steps an operator takes.
 struct Browser {
     runtime: tokio::runtime::Runtime,
     client: Option<Client>,
-    driver: Child,
+    _driver: ChromeDriver,
     _profile: tempfile::TempDir,
 }
 
@@ -177,15 +202,16 @@ impl Browser {
     fn start(log: &Path) -> Browser {
         use std::os::unix::process::CommandExt;
         let port = free_port();
-        let out = std::fs::File::create(log).expect("chromedriver log");
-        let driver = Command::new(CHROMEDRIVER)
-            .args([format!("--port={port}"), format!("--log-path={}", log.display())])
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .process_group(0)
-            .spawn()
-            .expect("start chromedriver");
+        let driver = ChromeDriver(
+            Command::new(CHROMEDRIVER)
+                .args([format!("--port={port}"), format!("--log-path={}", log.display())])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .process_group(0)
+                .spawn()
+                .expect("start chromedriver"),
+        );
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
         let profile = tempfile::tempdir().expect("profile dir");
         // The machine has no network beyond loopback: nothing may phone home, and the admin port's
@@ -220,17 +246,15 @@ impl Browser {
             builder.capabilities(capabilities.clone());
             match runtime.block_on(builder.connect(&url)) {
                 Ok(client) => break client,
-                Err(e) if Instant::now() < deadline => {
-                    let _ = e;
-                    std::thread::sleep(Duration::from_millis(200));
-                }
+                // chromedriver takes a moment to listen
+                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(200)),
                 Err(e) => panic!(
                     "no WebDriver session from {CHROMEDRIVER}: {e}\n{}",
                     std::fs::read_to_string(log).unwrap_or_default()
                 ),
             }
         };
-        Browser { runtime, client: Some(client), driver, _profile: profile }
+        Browser { runtime, client: Some(client), _driver: driver, _profile: profile }
     }
 
     fn client(&self) -> &Client {
@@ -303,9 +327,6 @@ impl Drop for Browser {
             let _ =
                 self.runtime.block_on(async { tokio::time::timeout(Duration::from_secs(10), client.close()).await });
         }
-        // chromedriver and any Chromium left behind by a failed test, by their process group.
-        let _ = Command::new("kill").args(["-KILL", "--", &format!("-{}", self.driver.id())]).status();
-        let _ = self.driver.wait();
     }
 }
 
@@ -365,29 +386,53 @@ fn console_shows_live_traffic_refusals_and_needs_the_token() {
     });
     assert!(browser.js("return document.getElementById('banner').hidden") == true, "no banner while polls succeed");
 
-    // Relayed queries from quality make the figures of the same open page grow.
+    // Relayed queries from quality, made until the page has shown them: the figures of the same open page
+    // grow, and its request rate rises above zero while they flow.
     let before = wait_for("a request total", LIVE_WAIT, || browser.number("total-requests"));
     let updated_before = browser.updated();
-    for _ in 0..3 {
-        let (ok, out) = at(
-            "quality-app",
-            quality_port,
-            &["records", "get", "--resource", REGISTRATION, COMPANY, "--purpose", "控制台测试"],
-        );
-        assert!(ok, "quality reads commerce's registration: {out}");
-    }
-    let after =
-        wait_for("#total-requests to grow", LIVE_WAIT, || browser.number("total-requests").filter(|n| *n > before));
-    assert!(browser.updated() > updated_before, "the page polled again");
-    let inbound = wait_for("an inbound traffic row for quality", LIVE_WAIT, || {
+    let shown = AtomicBool::new(false);
+    let (after, made) = std::thread::scope(|scope| {
+        let queries = scope.spawn(|| {
+            let mut made = 0u64;
+            // bounded, in case the page never shows them
+            while !shown.load(Ordering::Relaxed) && made < 200 {
+                let purpose = ["--purpose", "控制台测试"];
+                let (ok, out) = at(
+                    "quality-app",
+                    quality_port,
+                    &[&["records", "get", "--resource", REGISTRATION, COMPANY], &purpose[..]].concat(),
+                );
+                if !ok {
+                    return Err(format!("quality reads commerce's registration: {out}"));
+                }
+                made += 1;
+            }
+            Ok(made)
+        });
+        let grown = || browser.number("total-requests").filter(|n| *n > before);
+        let rising = || browser.text("total-rate").parse::<f64>().ok().filter(|r| *r > 0.0);
+        let seen = wait_for_while(&queries, || grown().zip(rising()));
+        shown.store(true, Ordering::Relaxed);
+        let made = queries.join().expect("query thread").unwrap_or_else(|e| panic!("{e}"));
+        let (after, _) = seen.unwrap_or_else(|| {
+            panic!(
+                "within {LIVE_WAIT:?}, #total-requests did not grow past {before} with a req/s above zero: {} req/s",
+                browser.text("total-rate")
+            )
+        });
+        (after, made)
+    });
+    assert!(made > 0 && browser.updated() > updated_before, "the page polled again");
+    let inbound = wait_for("every relayed query in quality's inbound traffic row", LIVE_WAIT, || {
         browser.rows("#traffic-table tbody").into_iter().find(|r| {
+            let count: u64 = r["cells"][3].as_str().unwrap_or("").replace(',', "").parse().unwrap_or(0);
             r["data"]["direction"] == "inbound"
                 && r["data"]["peer"] == "quality"
                 && r["data"]["resource"] == REGISTRATION
+                && count >= made
         })
     });
-    let relayed: u64 = inbound["cells"][3].as_str().unwrap_or("").replace(',', "").parse().unwrap_or(0);
-    assert!(relayed >= 3, "three relayed queries counted: {inbound} (total {before} -> {after})");
+    eprintln!("{made} relayed queries; total {before} -> {after}; row {inbound}");
 
     // Quality has no grant for the penalties: commerce refuses, and the refusal shows up in the list.
     let (ok, out) = at("quality-app", quality_port, &["records", "get", "--resource", PENALTIES, COMPANY]);
@@ -483,4 +528,5 @@ fn console_shows_live_traffic_refusals_and_needs_the_token() {
         true,
         "no directory state on the directory"
     );
+    browser.screenshot_if_asked("directory");
 }

@@ -11,6 +11,7 @@ fn main() -> ExitCode {
     let json = cli.global.json;
     let directory = cli.global.directory.clone();
     let node = cli.global.node_addr().to_string();
+    let admin = cli.global.admin_addr().to_string();
     // One command at a time: a current-thread runtime is enough and starts faster.
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -23,7 +24,12 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             let code = cli::report_error(&e, json);
-            if code == cli::EXIT_UNREACHABLE {
+            if code == cli::EXIT_UNREACHABLE && matches!(e, cli::CliError::Admin(_)) {
+                eprintln!(
+                    "hint: is the server running with an [admin] table? Its admin port is taken to be at {admin} \
+                     (--admin or EXCHANGE_ADMIN)."
+                );
+            } else if code == cli::EXIT_UNREACHABLE {
                 eprintln!(
                     "hint: is the server running? The directory is taken to be at {directory} \
                      (--directory or EXCHANGE_DIRECTORY), the node at {node} (--node or EXCHANGE_NODE)."

@@ -120,6 +120,7 @@ pub fn node_config(pki: &Pki, dept: &str, directory_addr: &str, data: &Path, cat
         relay: exchange_node::config::RelayConfig { audit_seal_seconds: 1, ..Default::default() },
         quotas: Vec::new(),
         admin: None,
+        telemetry: Default::default(),
         source: None,
     }
 }
