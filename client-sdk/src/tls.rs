@@ -9,6 +9,10 @@
 //! Clients: [`client_config`] presents the caller's certificate and checks that the server's certificate
 //! carries the expected role; [`connect`] opens a tonic `Channel` over it.
 //!
+//! Rotation: every config built from a [`TlsIdentity`] reads its certificate and key at each handshake,
+//! so [`TlsIdentity::reload`] (after checking the new files) switches new connections, server and client
+//! side, to the new pair while open connections keep theirs. The CA is fixed for the process's life.
+//!
 //! There is no plaintext mode.
 
 use std::collections::HashSet;

@@ -206,6 +206,10 @@ mod tests {
         assert!(Config::from_toml_str(base).is_ok());
         assert!(Config::from_toml_str(&format!("lease_ttl = 3\n{base}")).is_err());
         assert!(Config::from_toml_str(&format!("lease_ttl_seconds = 0\n{base}")).is_err());
+        assert_eq!(Config::from_toml_str(base).unwrap().max_connection_age_seconds, DEFAULT_MAX_CONNECTION_AGE_SECONDS);
+        assert_eq!(Config::from_toml_str(&format!("max_connection_age_seconds = 60\n{base}")).unwrap().max_connection_age_seconds, 60);
+        let never = Config::from_toml_str(&format!("max_connection_age_seconds = 0\n{base}")).unwrap_err().to_string();
+        assert!(never.contains("max_connection_age_seconds must be 1-604800"), "{never}");
         assert!(Config::from_toml_str(&format!("log_format = \"xml\"\n{base}")).is_err());
         let json = Config::from_toml_str(&format!("log_format = \"json\"\n{base}")).unwrap();
         assert_eq!(json.log_format, LogFormat::Json);

@@ -18,7 +18,8 @@
 //! - [`consumer`]: `QueryRecords` for the department's applications (consumer side).
 //! - [`service`]: the `ExchangeNode` service and its authorization (own department only).
 //! - [`audit`]: the hash-chained, signed audit trail, its keys, query and verification.
-//! - [`quota`]: per-consumer, per-resource rate limits (governor); [`reload`] swaps them on SIGHUP.
+//! - [`quota`]: per-consumer, per-resource rate limits (governor); [`reload`] swaps them, and the node's
+//!   certificate and key (rotation without downtime), on SIGHUP and on the admin port's reload.
 //! - [`backup`]: a consistent backup of the running node's store (the admin port's `GET /api/backup`).
 //! - [`admin`]: what the node shows on its admin port (`client_sdk::admin`): checks, gauges, status, peers,
 //!   outbox, catalog, grants, reload and backup.

@@ -55,7 +55,9 @@ pub trait AdminSource: Send + Sync + 'static {
 const MAX_ADMIN_CONNECTIONS: usize = 64;
 /// How long open admin requests (a backup download) may run on after shutdown begins.
 const ADMIN_DRAIN: Duration = Duration::from_secs(5);
-const COOKIE: &str = "gx_admin";
+/// The console's cookie is `gx_admin_<department>`: cookies are per host, not per port, so servers of
+/// several departments on one host (a test bed, the quick start) must not overwrite each other's.
+const COOKIE_PREFIX: &str = "gx_admin_";
 
 const INDEX_HTML: &str = include_str!("console/index.html");
 const LOGIN_HTML: &str = include_str!("console/login.html");
@@ -156,7 +158,7 @@ pub async fn serve(
     Ok(())
 }
 
-/// The routes. Everything but the probes, the login page and the assets needs an operator.
+/// The routes. Everything but the probes, the login page and the static assets needs an operator.
 pub fn router(state: AdminState) -> Router {
     let protected = Router::new()
         .route("/metrics", get(metrics))
@@ -170,14 +172,15 @@ pub fn router(state: AdminState) -> Router {
         .route("/api/maintenance", post(maintenance))
         .route("/api/reload", post(reload))
         .route("/api/backup", get(backup))
-        .route("/assets/console.js", get(|| async { asset("text/javascript; charset=utf-8", CONSOLE_JS) }))
-        .route("/assets/console.css", get(|| async { asset("text/css; charset=utf-8", CONSOLE_CSS) }))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), require_operator));
     Router::new()
         .route("/", get(index))
         .route("/login", get(login_get).post(login_post))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
+        // Open: the login page needs its style sheet, and neither file holds any data.
+        .route("/assets/console.js", get(|| async { asset("text/javascript; charset=utf-8", CONSOLE_JS) }))
+        .route("/assets/console.css", get(|| async { asset("text/css; charset=utf-8", CONSOLE_CSS) }))
         .merge(protected)
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such page on the admin port") })
         .with_state(state)
@@ -228,7 +231,7 @@ enum Auth {
 }
 
 fn authenticate(state: &AdminState, peer: Option<&ConnPeer>, headers: &HeaderMap) -> Auth {
-    let presented = bearer(headers).or_else(|| cookie(headers));
+    let presented = bearer(headers).or_else(|| cookie(headers, &cookie_name(&state.department)));
     if let (Some(presented), Some(token)) = (&presented, &state.token) {
         if constant_time_eq(presented.as_bytes(), token.as_bytes()) {
             return Auth::Token;
@@ -257,10 +260,15 @@ fn bearer(headers: &HeaderMap) -> Option<String> {
     value.strip_prefix("Bearer ").map(|t| t.trim().to_string())
 }
 
-fn cookie(headers: &HeaderMap) -> Option<String> {
+fn cookie_name(department: &str) -> String {
+    let safe: String = department.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
+    format!("{COOKIE_PREFIX}{safe}")
+}
+
+fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
     headers.get_all(header::COOKIE).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(';')).find_map(|c| {
-        let (name, value) = c.trim().split_once('=')?;
-        (name == COOKIE).then(|| value.to_string())
+        let (n, value) = c.trim().split_once('=')?;
+        (n == name).then(|| value.to_string())
     })
 }
 
@@ -350,7 +358,7 @@ async fn login(State(state): State<AdminState>, peer: Option<Extension<ConnPeer>
         *response.status_mut() = StatusCode::UNAUTHORIZED;
         return response;
     }
-    let cookie = format!("{COOKIE}={token}; Path=/; HttpOnly; Secure; SameSite=Strict");
+    let cookie = format!("{}={token}; Path=/; HttpOnly; Secure; SameSite=Strict", cookie_name(&state.department));
     let mut response = Redirect::to("/").into_response();
     if let Ok(v) = HeaderValue::from_str(&cookie) {
         response.headers_mut().insert(header::SET_COOKIE, v);
@@ -455,8 +463,9 @@ mod tests {
     #[test]
     fn the_cookie_is_found_among_others() {
         let mut h = HeaderMap::new();
-        h.insert(header::COOKIE, HeaderValue::from_static("a=1; gx_admin=secret; b=2"));
-        assert_eq!(cookie(&h).as_deref(), Some("secret"));
+        h.insert(header::COOKIE, HeaderValue::from_static("a=1; gx_admin_tax=other; gx_admin_commerce=secret; b=2"));
+        assert_eq!(cookie(&h, &cookie_name("commerce")).as_deref(), Some("secret"));
+        assert_eq!(cookie(&h, &cookie_name("quality")), None);
         h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer tok"));
         assert_eq!(bearer(&h).as_deref(), Some("tok"));
     }
