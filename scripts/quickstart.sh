@@ -176,6 +176,10 @@ say "Commerce's audit trail: every relayed request, keys only as keyed hashes"
 as commerce-operator commerce audit query --limit 10
 as commerce-operator commerce audit verify
 
+say "Commerce's node at a glance, from its admin port (operator certificate): exchangectl status and peers"
+as commerce-operator commerce --admin "127.0.0.1:${ADMIN_PORT[commerce]}" status --interval-ms 300
+as commerce-operator commerce --admin "127.0.0.1:${ADMIN_PORT[commerce]}" peers
+
 cat <<INFO
 
 gov-exchange is running.
@@ -194,6 +198,8 @@ Try, in another shell:
   $CTL --identity commerce-operator --node 127.0.0.1:${NODE_PORT[commerce]} grants list
   $CTL --identity tax-operator --node 127.0.0.1:${NODE_PORT[tax]} audit query --since 10m
   $CTL --identity tax-app --node 127.0.0.1:${NODE_PORT[tax]} events receive --resource 101001/000001 --follow
+  $CTL --identity commerce-operator --admin 127.0.0.1:${ADMIN_PORT[commerce]} top
+  $CTL --identity commerce-operator --admin 127.0.0.1:${ADMIN_PORT[commerce]} outbox
 
 Press Ctrl-C to stop.
 INFO

@@ -127,7 +127,11 @@ impl Site {
         let mut all = vec!["--pki-dir", pki.as_str(), "--identity", identity, "--directory", dir.as_str()];
         all.extend_from_slice(args);
         let out = e2e_tests::procs::exchangectl(&all);
-        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     }
 
     fn pki(&self, args: &[&str]) {
@@ -184,7 +188,9 @@ impl Site {
         )
         .unwrap();
         let proc = self.start("directory", "directory", &config, "info");
-        wait_for("the directory to answer", Duration::from_secs(30), || self.ctl("central-operator", &["whoami"]).0.then_some(()));
+        wait_for("the directory to answer", Duration::from_secs(30), || {
+            self.ctl("central-operator", &["whoami"]).0.then_some(())
+        });
         proc
     }
 
@@ -210,7 +216,9 @@ impl Site {
     fn online(&self, dept: &str) -> bool {
         let (ok, out, _) = self.ctl("central-operator", &["--json", "nodes"]);
         let Ok(nodes) = serde_json::from_str::<Value>(&out) else { return false };
-        ok && nodes["nodes"].as_array().is_some_and(|a| a.iter().any(|n| n["department"] == dept && n["status"] == "online"))
+        ok && nodes["nodes"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|n| n["department"] == dept && n["status"] == "online"))
     }
 }
 
@@ -235,7 +243,11 @@ fn a_relayed_request_is_one_trace_across_two_departments_and_one_message_id_in_b
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
 
-    let site = Site { home: tempfile::tempdir().unwrap(), directory_port: free_port(), collector: format!("http://{collector_addr}") };
+    let site = Site {
+        home: tempfile::tempdir().unwrap(),
+        directory_port: free_port(),
+        collector: format!("http://{collector_addr}"),
+    };
     for d in ["pki", "config", "data", "logs"] {
         std::fs::create_dir_all(site.path(d)).unwrap();
     }
@@ -262,14 +274,28 @@ fn a_relayed_request_is_one_trace_across_two_departments_and_one_message_id_in_b
     // Commerce loads its registrations (its catalog may still be on its way to the directory: retry).
     let records = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/local/records/commerce-enterprises.json");
     wait_for("commerce's records stored", Duration::from_secs(30), || {
-        at("commerce-app", "commerce", &["records", "put", "--resource", REGISTRATION, "--file", records.to_str().unwrap()]).0.then_some(())
+        at(
+            "commerce-app",
+            "commerce",
+            &["records", "put", "--resource", REGISTRATION, "--file", records.to_str().unwrap()],
+        )
+        .0
+        .then_some(())
     });
 
     // Tax reads one registration through its node; the answer names the request's message id.
-    let (ok, out, err) = at("tax-app", "tax", &["--json", "records", "get", "--resource", REGISTRATION, COMPANY, "--purpose", "登记信息核对"]);
+    let (ok, out, err) = at(
+        "tax-app",
+        "tax",
+        &["--json", "records", "get", "--resource", REGISTRATION, COMPANY, "--purpose", "登记信息核对"],
+    );
     assert!(ok, "{out}{err}");
     let answer: Value = serde_json::from_str(&out).unwrap();
-    let message_id = answer["message_id"].as_str().filter(|m| !m.is_empty()).unwrap_or_else(|| panic!("no message id: {answer}")).to_string();
+    let message_id = answer["message_id"]
+        .as_str()
+        .filter(|m| !m.is_empty())
+        .unwrap_or_else(|| panic!("no message id: {answer}"))
+        .to_string();
 
     // (a) Both nodes exported a `relay` span with that id, in one trace, the provider's under the consumer's.
     let spans = wait_for("both relay spans at the collector", Duration::from_secs(30), || {
@@ -299,13 +325,16 @@ fn a_relayed_request_is_one_trace_across_two_departments_and_one_message_id_in_b
     // A refused query by identity number: tax has no grant to police's population register (police's
     // catalog may still be on its way: retry until police itself refuses).
     let refusal = wait_for("police to refuse tax", Duration::from_secs(30), || {
-        let (ok, out, err) = at("tax-app", "tax", &["--json", "records", "get", "--resource", POPULATION, IDENTITY_NUMBER]);
+        let (ok, out, err) =
+            at("tax-app", "tax", &["--json", "records", "get", "--resource", POPULATION, IDENTITY_NUMBER]);
         let text = format!("{out}{err}");
         (!ok && text.contains("has no grant")).then_some(text)
     });
     let refused_span = wait_for("the refused request's provider span", Duration::from_secs(30), || {
         collector.spans().into_iter().find(|s| {
-            s.service == "exchange-node-police" && s.name == "relay" && s.attributes.get("consumer").map(String::as_str) == Some("tax")
+            s.service == "exchange-node-police"
+                && s.name == "relay"
+                && s.attributes.get("consumer").map(String::as_str) == Some("tax")
         })
     });
     let refused_id = refused_span.attributes["message_id"].clone();
@@ -356,11 +385,17 @@ fn a_bad_collector_endpoint_stops_both_servers_at_start_with_the_key_named() {
     let directory = home.path().join("directory.toml");
     std::fs::write(&directory, format!("listen = \"127.0.0.1:0\"\ndata_dir = \"data\"\n{tls}{telemetry}")).unwrap();
     for (bin, config) in [("exchange-node", &node), ("directory", &directory)] {
-        let out = Command::new(bin_path(bin)).args(["--config", config.to_str().unwrap()]).stdin(Stdio::null()).output().unwrap();
+        let out = Command::new(bin_path(bin))
+            .args(["--config", config.to_str().unwrap()])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{bin} started with a bad endpoint: {stderr}");
         assert!(
-            stderr.contains("telemetry.otlp_endpoint") && stderr.contains("collector.internal:4317") && stderr.contains("http://host:port"),
+            stderr.contains("telemetry.otlp_endpoint")
+                && stderr.contains("collector.internal:4317")
+                && stderr.contains("http://host:port"),
             "{bin}: {stderr}"
         );
     }
