@@ -1,9 +1,7 @@
-//! What every gov-exchange server binary does the same way: logging set-up and the shutdown signal.
-
-use std::io::IsTerminal;
+//! What every gov-exchange server binary does the same way: the log format and the shutdown signal (log
+//! set-up, with the optional trace export, is `crate::telemetry::init_telemetry`).
 
 use serde::Deserialize;
-use tracing_subscriber::EnvFilter;
 
 /// How logs are written (`log_format` in every server config).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
@@ -14,19 +12,6 @@ pub enum LogFormat {
     Text,
     /// One JSON object per line, for log collectors.
     Json,
-}
-
-/// Logs to stderr in `format`; `RUST_LOG` sets the filter (default `info`).
-pub fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
 }
 
 /// Resolves on Ctrl-C, or SIGTERM (what service managers and containers send).

@@ -262,7 +262,7 @@ fn a_relayed_request_is_one_trace_across_two_departments_and_one_message_id_in_b
 
     let mut directory = site.start_directory();
     let ports: BTreeMap<&str, u16> = ["commerce", "tax", "police"].into_iter().map(|d| (d, free_port())).collect();
-    let mut nodes: Vec<Proc> = ports.iter().map(|(d, p)| site.start_node(d, *p)).collect();
+    let mut nodes: BTreeMap<&str, Proc> = ports.iter().map(|(d, p)| (*d, site.start_node(d, *p))).collect();
     for dept in ports.keys() {
         wait_for(&format!("{dept} online"), Duration::from_secs(30), || site.online(dept).then_some(()));
     }
@@ -312,7 +312,7 @@ fn a_relayed_request_is_one_trace_across_two_departments_and_one_message_id_in_b
     assert!(!collector.dump().contains(COMPANY), "record keys are not span attributes");
 
     // (b) Both nodes' JSON logs have a line of this request, found by its message id alone.
-    for (proc, what) in [(&nodes[2], "relayed request answered"), (&nodes[0], "relayed request served")] {
+    for (proc, what) in [(&nodes["tax"], "relayed request answered"), (&nodes["commerce"], "relayed request served")] {
         let lines = log_lines_with(&proc.log_text(), &message_id);
         assert!(
             lines.iter().any(|l| l["fields"]["message"] == what),
@@ -342,7 +342,7 @@ fn a_relayed_request_is_one_trace_across_two_departments_and_one_message_id_in_b
     wait_for("the refused request's consumer span", Duration::from_secs(30), || {
         collector.relay_spans(&refused_id).contains_key("exchange-node-tax").then_some(())
     });
-    for proc in [&nodes[1], &nodes[2]] {
+    for proc in [&nodes["police"], &nodes["tax"]] {
         let lines = log_lines_with(&proc.log_text(), &refused_id);
         assert!(
             lines.iter().any(|l| l["fields"]["message"] == "relay request refused"),
@@ -353,12 +353,12 @@ fn a_relayed_request_is_one_trace_across_two_departments_and_one_message_id_in_b
     }
 
     // Graceful stops flush what is still queued; then nothing anywhere holds the identity number.
-    for node in &mut nodes {
+    for node in nodes.values_mut() {
         assert!(node.stop(), "{} stops cleanly", node.name);
     }
     assert!(directory.stop(), "the directory stops cleanly");
     assert!(!collector.dump().contains(IDENTITY_NUMBER), "an identity number reached the collector");
-    for proc in nodes.iter().chain([&directory]) {
+    for proc in nodes.values().chain([&directory]) {
         let log = proc.log_text();
         assert!(!log.contains(IDENTITY_NUMBER), "{} logged an identity number:\n{log}", proc.name);
         assert!(
