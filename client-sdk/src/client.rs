@@ -20,6 +20,79 @@ pub fn directory_client(addr: &str, id: &TlsIdentity) -> Result<DirectoryClient<
     Ok(directory_client_on(channel))
 }
 
+/// A channel to the directory that can be re-dialled: every clone shares the connection in use, and
+/// [`DirectoryChannel::redial`] makes all of them move to a fresh one.
+///
+/// A node's connection to the directory lives for hours, and a TLS connection keeps the certificate it
+/// was opened with. After a certificate rotation the node re-dials, so its next calls present the new
+/// certificate and the old serial can be revoked at once. Calls and streams already running finish on
+/// the old connection, which closes when the last of them ends.
+#[derive(Clone)]
+pub struct DirectoryChannel {
+    inner: Arc<DirectoryChannelInner>,
+}
+
+struct DirectoryChannelInner {
+    addr: String,
+    config: Arc<rustls::ClientConfig>,
+    current: std::sync::RwLock<Channel>,
+}
+
+impl std::fmt::Debug for DirectoryChannel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DirectoryChannel").field("addr", &self.inner.addr).finish_non_exhaustive()
+    }
+}
+
+impl DirectoryChannel {
+    /// A lazily connected channel to the directory at `addr`; the server must have role `directory`.
+    pub fn new(addr: &str, id: &TlsIdentity) -> Result<Self, TlsError> {
+        let config = tls::client_config(id, &[Role::Directory])?;
+        let channel = tls::connect_lazy(addr, config.clone())?;
+        Ok(DirectoryChannel {
+            inner: Arc::new(DirectoryChannelInner { addr: addr.to_string(), config, current: std::sync::RwLock::new(channel) }),
+        })
+    }
+
+    /// Moves every clone's next call to a new connection (dialled lazily, with the certificate in use now).
+    pub fn redial(&self) -> Result<(), TlsError> {
+        let fresh = tls::connect_lazy(&self.inner.addr, self.inner.config.clone())?;
+        *self.inner.current.write().expect("directory channel lock") = fresh;
+        Ok(())
+    }
+
+    pub fn address(&self) -> &str {
+        &self.inner.addr
+    }
+
+    /// A directory client over this channel (message limits set as the servers set them).
+    pub fn client(&self) -> DirectoryClient<DirectoryChannel> {
+        DirectoryClient::new(self.clone())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    }
+}
+
+impl tower::Service<http::Request<tonic::body::Body>> for DirectoryChannel {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = tonic::transport::Error;
+    type Future = std::pin::Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        // Readiness is the channel's, checked in `call` on the channel in use at that moment.
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        let mut channel = self.inner.current.read().expect("directory channel lock").clone();
+        Box::pin(async move {
+            use tower::ServiceExt;
+            channel.ready().await?;
+            tower::Service::call(&mut channel, request).await
+        })
+    }
+}
+
 /// A directory client on an existing channel (message limits set as the servers set them).
 pub fn directory_client_on(channel: Channel) -> DirectoryClient<Channel> {
     DirectoryClient::new(channel)

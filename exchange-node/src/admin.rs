@@ -1,6 +1,7 @@
 //! What the node tells its admin port ([`client_sdk::admin`]): readiness checks, state gauges, status,
 //! peers, outbox, catalog, grants, reload and backup.
 
+use client_sdk::client::DirectoryChannel;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -17,7 +18,6 @@ use client_sdk::admin::AdminConfig;
 use client_sdk::tls::TlsIdentity;
 use exchange_proto::v1::directory_client::DirectoryClient;
 use exchange_proto::v1::{GrantStatus, ListNodesRequest, NodeStatus, ShareType};
-use tonic::transport::Channel;
 
 use crate::events::Events;
 use crate::relay::Exchange;
@@ -39,7 +39,7 @@ pub struct NodeAdmin {
     pub events: Arc<Events>,
     pub state: Arc<NodeState>,
     pub metrics: Arc<Metrics>,
-    pub directory: DirectoryClient<Channel>,
+    pub directory: DirectoryClient<DirectoryChannel>,
     /// Re-reads what SIGHUP re-reads (certificate, quotas).
     pub reload: Arc<dyn Fn() -> Result<ReloadReport, String> + Send + Sync>,
     /// Writes a backup to a new temporary file.

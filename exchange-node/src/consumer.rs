@@ -13,6 +13,7 @@
 //! - Keys are checked here too, against the record kind, so a malformed key is refused before anything
 //!   is relayed.
 
+use client_sdk::client::DirectoryChannel;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -49,7 +50,7 @@ pub struct ConsumerSettings {
 
 pub struct Consumer {
     exchange: Arc<Exchange>,
-    directory: DirectoryClient<Channel>,
+    directory: DirectoryClient<DirectoryChannel>,
     tls_identity: TlsIdentity,
     revoked: RevocationSet,
     settings: ConsumerSettings,
@@ -67,7 +68,7 @@ pub(crate) fn random_message_id() -> String {
 impl Consumer {
     pub fn new(
         exchange: Arc<Exchange>,
-        directory: DirectoryClient<Channel>,
+        directory: DirectoryClient<DirectoryChannel>,
         tls_identity: TlsIdentity,
         revoked: RevocationSet,
         settings: ConsumerSettings,

@@ -17,6 +17,7 @@
 //!   (INVALID_ARGUMENT, PERMISSION_DENIED, OUT_OF_RANGE) is logged with every field violation and not
 //!   retried: the same bytes would be refused again.
 
+use client_sdk::client::DirectoryChannel;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,7 +31,6 @@ use exchange_proto::v1::{
 };
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 use crate::audit::AuditLog;
@@ -99,7 +99,7 @@ pub struct CatalogToPublish {
 
 /// Everything the two tasks need.
 pub struct Registrar {
-    pub directory: DirectoryClient<Channel>,
+    pub directory: DirectoryClient<DirectoryChannel>,
     pub directory_address: String,
     pub state: Arc<NodeState>,
     pub store: Arc<dyn NodeStore>,

@@ -68,7 +68,7 @@ impl Exchange {
     pub async fn own_entry(
         &self,
         resource_code: &str,
-        directory: &exchange_proto::v1::directory_client::DirectoryClient<tonic::transport::Channel>,
+        directory: &exchange_proto::v1::directory_client::DirectoryClient<client_sdk::client::DirectoryChannel>,
     ) -> Result<Arc<CatalogEntry>, NodeError> {
         if let Some(e) = self.policy.own_entry(resource_code) {
             return Ok(e);
@@ -255,14 +255,14 @@ pub fn check_keys(entry: &CatalogEntry, keys: &[String]) -> Vec<Violation> {
 /// The `Relay` gRPC service.
 pub struct RelayService {
     exchange: Arc<Exchange>,
-    directory: exchange_proto::v1::directory_client::DirectoryClient<tonic::transport::Channel>,
+    directory: exchange_proto::v1::directory_client::DirectoryClient<client_sdk::client::DirectoryChannel>,
     events: Arc<Events>,
 }
 
 impl RelayService {
     pub fn new(
         exchange: Arc<Exchange>,
-        directory: exchange_proto::v1::directory_client::DirectoryClient<tonic::transport::Channel>,
+        directory: exchange_proto::v1::directory_client::DirectoryClient<client_sdk::client::DirectoryChannel>,
         events: Arc<Events>,
     ) -> Self {
         RelayService { exchange, directory, events }

@@ -46,6 +46,8 @@ pub struct Reloadable {
     pub quotas: Arc<QuotaTable>,
     /// Holds the pooled connections to other nodes, dropped after a rotation.
     pub consumer: Arc<Consumer>,
+    /// The node's channel to the directory, re-dialled after a rotation.
+    pub directory: client_sdk::client::DirectoryChannel,
 }
 
 impl Reloadable {
@@ -91,6 +93,11 @@ impl Reloadable {
                 if rotation.changed() {
                     // New calls to other nodes open new connections, which present the new certificate.
                     self.consumer.drop_connections();
+                    // And to the directory: heartbeats and resolutions then present the new certificate, so
+                    // the old serial can be revoked at once (the directory's connection age is not waited for).
+                    if let Err(e) = self.directory.redial() {
+                        tracing::error!(error = %e, "cannot re-dial the directory after the rotation");
+                    }
                     tracing::info!(
                         old_serial = %rotation.old.serial_hex,
                         old_not_after = rotation.old.not_after_unix,

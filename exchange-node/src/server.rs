@@ -154,7 +154,8 @@ pub async fn run_with_reload(
     );
 
     let server_tls = tls::server_config(&tls_identity, revocations.clone())?;
-    let directory = client_sdk::client::directory_client(&config.directory_address, &tls_identity)?;
+    let directory_channel = client_sdk::client::DirectoryChannel::new(&config.directory_address, &tls_identity)?;
+    let directory = directory_channel.client();
     let state = Arc::new(NodeState::new(me.clone(), config.advertise_address.clone()));
     let exchange = Arc::new(Exchange {
         me: me.clone(),
@@ -216,6 +217,7 @@ pub async fn run_with_reload(
         tls: tls_identity.clone(),
         quotas: quotas.clone(),
         consumer: consumer.clone(),
+        directory: directory_channel.clone(),
     };
     if let Some(out) = reload_out {
         let _ = out.send(reloadable.clone());

@@ -5,6 +5,7 @@
 //! the node, so the node is where that check has to happen. What the directory answers (including
 //! INVALID_ARGUMENT with its field violations) goes back to the caller unchanged.
 
+use client_sdk::client::DirectoryChannel;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,7 +21,6 @@ use exchange_proto::v1::{
     PutRecordsResponse, QueryAuditRequest, QueryAuditResponse, QueryRecordsRequest, QueryRecordsResponse,
     VerifyAuditRequest, VerifyAuditResponse, WithdrawEntriesRequest, WithdrawEntriesResponse,
 };
-use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use crate::audit;
@@ -34,7 +34,7 @@ use crate::state::NodeState;
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub struct NodeService {
-    directory: DirectoryClient<Channel>,
+    directory: DirectoryClient<DirectoryChannel>,
     directory_address: String,
     state: Arc<NodeState>,
     exchange: Arc<Exchange>,
@@ -44,7 +44,7 @@ pub struct NodeService {
 
 impl NodeService {
     pub fn new(
-        directory: DirectoryClient<Channel>,
+        directory: DirectoryClient<DirectoryChannel>,
         directory_address: String,
         state: Arc<NodeState>,
         exchange: Arc<Exchange>,

@@ -11,6 +11,7 @@
 //! copy was last fresh, and notices when a copy kept too long without the directory goes stale
 //! (`relay.max_directory_staleness_seconds`).
 
+use client_sdk::client::DirectoryChannel;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,7 +20,6 @@ use exchange_proto::v1::directory_client::DirectoryClient;
 use exchange_proto::v1::{WatchCatalogRequest, WatchGrantsRequest, WatchRevocationsRequest};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tonic::transport::Channel;
 use tonic::{Status, Streaming};
 
 use crate::error::NodeError;
@@ -35,7 +35,7 @@ pub const TOUCH_INTERVAL: Duration = Duration::from_secs(5);
 pub type OnForeignChange = Arc<dyn Fn(&str) + Send + Sync>;
 
 pub struct DirectorySync {
-    pub directory: DirectoryClient<Channel>,
+    pub directory: DirectoryClient<DirectoryChannel>,
     pub directory_address: String,
     pub policy: Arc<Policy>,
     pub state: Arc<NodeState>,
@@ -128,7 +128,7 @@ impl DirectorySync {
         apply: impl Fn(&Self, T) -> Result<(), NodeError>,
         cursor: impl Fn(&Policy) -> u64,
     ) where
-        Open: Fn(DirectoryClient<Channel>, u64) -> Fut,
+        Open: Fn(DirectoryClient<DirectoryChannel>, u64) -> Fut,
         Fut: Future<Output = Result<tonic::Response<Streaming<T>>, Status>>,
     {
         let mut backoff = Backoff::new(self.timing.backoff_start, self.timing.backoff_max);

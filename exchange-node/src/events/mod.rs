@@ -27,6 +27,7 @@ pub mod inbox;
 pub mod outbox;
 pub mod receive;
 
+use client_sdk::client::DirectoryChannel;
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -39,7 +40,6 @@ use exchange_proto::v1::*;
 use futures::Stream;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tonic::transport::Channel;
 use tonic::Status;
 
 use crate::consumer::Consumer;
@@ -83,7 +83,7 @@ impl Default for EventSettings {
 pub struct Events {
     pub(crate) x: Arc<Exchange>,
     pub(crate) consumer: Arc<Consumer>,
-    pub(crate) directory: DirectoryClient<Channel>,
+    pub(crate) directory: DirectoryClient<DirectoryChannel>,
     pub(crate) outbox: Outbox,
     pub(crate) inbox: Inbox,
     pub(crate) settings: EventSettings,
@@ -129,7 +129,7 @@ impl Events {
     pub fn new(
         x: Arc<Exchange>,
         consumer: Arc<Consumer>,
-        directory: DirectoryClient<Channel>,
+        directory: DirectoryClient<DirectoryChannel>,
         db: &sled::Db,
         settings: EventSettings,
         shutdown: watch::Receiver<bool>,
