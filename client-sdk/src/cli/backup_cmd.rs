@@ -209,6 +209,23 @@ mod tests {
     }
 
     #[test]
+    fn command_lines() {
+        use crate::cli::args::Command;
+        use clap::Parser;
+        let parse = |args: &[&str]| crate::cli::Cli::try_parse_from(["exchangectl"].iter().chain(args));
+        let cli = parse(&["backup", "--admin", "10.0.0.5:9401", "--out", "tax.gxbak"]).unwrap();
+        assert_eq!(cli.global.admin_addr(), "10.0.0.5:9401");
+        assert!(matches!(cli.command, Command::Backup { ref out } if out == Path::new("tax.gxbak")));
+        assert!(parse(&["backup"]).is_err(), "--out is required");
+        let cli = parse(&["restore", "--file", "b", "--data-dir", "d", "--server", "node", "--force"]).unwrap();
+        assert!(matches!(cli.command, Command::Restore { ref server, force: true, .. } if server.as_deref() == Some("node")));
+        assert!(parse(&["restore", "--file", "b", "--data-dir", "d", "--server", "gateway"]).is_err());
+        assert!(parse(&["restore", "--file", "b"]).is_err(), "--data-dir is required");
+        assert_eq!("node".parse::<ServerKind>(), Ok(ServerKind::ExchangeNode));
+        assert_eq!("directory".parse::<ServerKind>(), Ok(ServerKind::Directory));
+    }
+
+    #[test]
     fn downloads_land_beside_the_target_under_a_hidden_name() {
         assert_eq!(unverified_path(Path::new("/b/tax.gxbak")), PathBuf::from("/b/.tax.gxbak.unverified"));
     }
