@@ -42,8 +42,8 @@ pub struct NodeAdmin {
     pub directory: DirectoryClient<DirectoryChannel>,
     /// Re-reads what SIGHUP re-reads (certificate, quotas).
     pub reload: Arc<dyn Fn() -> Result<ReloadReport, String> + Send + Sync>,
-    /// Writes a backup to a new temporary file.
-    pub backup: Arc<dyn Fn() -> Result<PathBuf, String> + Send + Sync>,
+    /// What a backup reads (`GET /api/backup`).
+    pub backup: Arc<crate::backup::NodeBackupSource>,
 }
 
 fn seconds_since(unix_ms: i64, now: i64) -> f64 {
@@ -340,7 +340,8 @@ impl AdminSource for NodeAdmin {
     }
 
     async fn backup(&self) -> Result<PathBuf, String> {
-        let backup = self.backup.clone();
-        tokio::task::spawn_blocking(move || backup()).await.map_err(|e| e.to_string())?
+        // Runs to completion in its own task: a download cancelled mid-backup leaves no file (it holds the
+        // audit keys) behind.
+        crate::backup::backup_to_temp_file(self.backup.clone()).await.map(|(path, _)| path).map_err(|e| e.to_string())
     }
 }

@@ -241,8 +241,6 @@ pub async fn run_with_reload(
     let health_state = Health::new(health.clone(), vec!["", NODE_SERVICE_NAME, RELAY_SERVICE_NAME]);
     let admin_task = match (admin_listener, admin_config) {
         (Some(admin_listener), Some(admin_config)) => {
-            let backup_parts =
-                crate::backup::NodeBackupSource { db: db.clone(), events: events.clone(), data_dir: config.data_dir.clone() };
             let source_admin: Arc<dyn AdminSource> = Arc::new(NodeAdmin {
                 tls: tls_identity.clone(),
                 admin: admin_config.clone(),
@@ -256,9 +254,10 @@ pub async fn run_with_reload(
                 metrics: metrics.clone(),
                 directory: directory.clone(),
                 reload: Arc::new(move || reloadable.reload_all()),
-                backup: Arc::new(move || {
-                    let out = crate::backup::temp_backup_path(&backup_parts.data_dir);
-                    crate::backup::write_backup(&backup_parts, &out).map(|_| out).map_err(|e| e.to_string())
+                backup: Arc::new(crate::backup::NodeBackupSource {
+                    db: db.clone(),
+                    events: events.clone(),
+                    data_dir: config.data_dir.clone(),
                 }),
             });
             let admin_state = AdminState {

@@ -380,4 +380,24 @@ async fn bad_input_and_wrong_callers_are_refused_and_nothing_is_stored() {
         Ok(mut s) => s.get_mut().message().await.unwrap_err(),
     };
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+
+    // Tax's node claiming to have received events commerce never wrote (what a provider restored from an
+    // older backup sees): DATA_LOSS, which ends the subscription, not a silent skip of the seqs between.
+    let channel = tls::connect_lazy(
+        &f.nodes["commerce"].addr,
+        tls::client_config(&f.pki.identity("tax", Role::Node), &[Role::Node]).unwrap(),
+    )
+    .unwrap();
+    let opened = RelayClient::new(channel)
+        .stream_events(tokio_stream::iter(vec![EventAck {
+            resource_code: ENTERPRISE_REGISTRATION.into(),
+            received_upto_seq: 1_000_000,
+        }]))
+        .await;
+    let err = match opened {
+        Err(e) => e,
+        Ok(mut s) => s.get_mut().message().await.unwrap_err(),
+    };
+    assert_eq!(err.code(), Code::DataLoss, "{err:?}");
+    assert!(err.message().contains("restored from an earlier backup"), "{err:?}");
 }

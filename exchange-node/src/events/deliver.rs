@@ -195,10 +195,14 @@ impl Events {
         let head = blocking(move || store.head_seq(&c).map_err(store_err)).await?;
         let from = open.received_upto_seq;
         if from > head {
-            return Err(NodeError::invalid(
-                "received_upto_seq",
-                format!("{from} is beyond the latest event of {code} ({head})"),
-            ));
+            // The consumer holds events this node no longer has: the provider's store was restored from a
+            // backup older than what was delivered. Going on would reuse the seqs in between for other
+            // changes, which the consumer would drop as duplicates; end the subscription instead, so the
+            // consumer resubscribes and resyncs with a snapshot.
+            return Err(NodeError::DataLoss(format!(
+                "the subscriber has received {code} up to event {from}, but this node's change log ends at {head}: \
+                 the provider's store was restored from an earlier backup; resubscribe and take a snapshot"
+            )));
         }
         if from < sub.start_seq {
             return Err(NodeError::invalid(
