@@ -225,6 +225,35 @@ impl Policy {
         self.known.read().expect("policy lock").revocations_version
     }
 
+    /// Starts the copy of one feed over: the directory's log is behind this copy (the directory was
+    /// restored from a backup), so positions the node holds name changes the directory no longer has, and
+    /// resuming from them would skip the changes the directory numbers anew. The feed's entries or grants
+    /// are dropped and its position set to 0, so the follower reads the directory's whole log again.
+    /// Revoked serials are kept: a restore must not make a revoked certificate good again.
+    pub fn restart_feed(&self, feed: Feed) -> Result<(), NodeError> {
+        let mut known = self.known.write().expect("policy lock");
+        match feed {
+            Feed::Catalog => {
+                self.entries.clear()?;
+                self.meta.insert(KEY_CATALOG_VERSION, &0u64.to_be_bytes())?;
+                known.entries.clear();
+                known.catalog_version = 0;
+            }
+            Feed::Grants => {
+                self.grants.clear()?;
+                self.meta.insert(KEY_GRANTS_VERSION, &0u64.to_be_bytes())?;
+                known.grants.clear();
+                known.active.clear();
+                known.grants_version = 0;
+            }
+            Feed::Revocations => {
+                self.meta.insert(KEY_REVOCATIONS_VERSION, &0u64.to_be_bytes())?;
+                known.revocations_version = 0;
+            }
+        }
+        Ok(())
+    }
+
     /// Applies one catalog change. Returns the entry's resource code when the entry is another
     /// department's (the consumer side drops its cached resolution of it).
     pub fn apply_catalog_change(&self, change: &CatalogChange) -> Result<Option<String>, NodeError> {

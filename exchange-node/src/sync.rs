@@ -167,6 +167,16 @@ impl DirectorySync {
                     self.policy.set_connected(feed, false);
                     outcome
                 }
+                Err(status) if status.code() == tonic::Code::OutOfRange && from > 0 => {
+                    // The directory's log ends below our position: it was restored from an earlier backup.
+                    // Read its whole log again rather than wait for it to pass our position and skip the
+                    // changes it numbers in between.
+                    tracing::error!(?feed, from_version = from, directory = %status.message(), "the directory is behind this node's copy (restored from a backup?): dropping the copy and reading it again from the start");
+                    match self.policy.restart_feed(feed) {
+                        Ok(()) => continue,
+                        Err(e) => format!("could not restart the {feed:?} copy: {e}"),
+                    }
+                }
                 Err(status) => NodeError::from_directory(&self.directory_address, status).to_string(),
             };
             let delay = backoff.next_delay();

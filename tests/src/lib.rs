@@ -10,6 +10,7 @@
 //! - [`forwarder`]: the bare two-hop mutual-TLS forwarder the record relay is compared with.
 //! - [`federation`]: the real directory and department nodes served in process, and generated
 //!   enterprise records to load into them.
+//! - [`ops_bench`]: `bench --only ops`: what backups, metrics and scrapes cost a running node.
 //! - [`relay_parts`]: the node's per-call relay steps timed one by one (where a relayed query's time goes).
 
 pub mod echo;
@@ -17,6 +18,7 @@ pub mod events_bench;
 pub mod federation;
 pub mod forwarder;
 pub mod load;
+pub mod ops_bench;
 pub mod pki;
 pub mod procs;
 pub mod relay_parts;

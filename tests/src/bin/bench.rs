@@ -11,10 +11,11 @@
 //! cargo run --release -p e2e-tests --bin bench -- --only sync      # bulk sync of 1,000,000 records
 //! cargo build --release -p exchange-node --bins && \
 //!   cargo run --release -p e2e-tests --bin bench -- --only backlog # provider memory, 1,000,000-event backlog
+//! cargo run --release -p e2e-tests --bin bench -- --only ops       # backup, metrics and scrape costs
 //! ```
 //!
 //! The three event sections (issue 4, `e2e_tests::events_bench`) are not in the default run: they take
-//! minutes each and write gigabytes.
+//! minutes each and write gigabytes. Nor is the operations section (issue 5, `e2e_tests::ops_bench`).
 //!
 //! Everything runs in this process over real mutual TLS on 127.0.0.1 (client and servers share the cores,
 //! as they would on a single test box), with sled in a temporary directory.
@@ -33,6 +34,7 @@ use e2e_tests::events_bench;
 use e2e_tests::federation;
 use e2e_tests::forwarder::{self, Backend, ForwarderPair, Steps};
 use e2e_tests::load::{self, LoadStats, OpenLoopStats};
+use e2e_tests::ops_bench;
 use e2e_tests::pki::TestPki;
 use e2e_tests::workload;
 use exchange_proto::v1::directory_client::DirectoryClient;
@@ -97,6 +99,9 @@ struct Args {
     /// message it receives, as exchange-node/tests/events.rs does).
     #[arg(long, default_value_t = 1_000)]
     ack_every_ms: u64,
+    /// Records loaded into commerce's node before `--only ops` measures backups, metrics and scrapes.
+    #[arg(long, default_value_t = 100_000)]
+    ops_records: usize,
     /// Internal (`--only sled-memory`): what the memory baseline writes (records, records-log, store).
     #[arg(long, hide = true, default_value = "records")]
     memory_mode: String,
@@ -128,6 +133,8 @@ enum Section {
     /// Not in the default run: the provider node's memory (a separate process) with a
     /// `--backlog-events` backlog, then the drain (issue 4). Needs `target/release/exchange-node`.
     Backlog,
+    /// Not in the default run: what backups, metrics and scrapes cost a running node (issue 5).
+    Ops,
     /// Internal: the memory baseline `--only backlog` runs in a child process of its own.
     #[value(hide = true)]
     SledMemory,
@@ -304,6 +311,16 @@ async fn main() -> anyhow::Result<()> {
             Section::Sync => events_bench::sync(&pki, tmp.path(), &options).await?,
             _ => events_bench::backlog(&pki, tmp.path(), &options).await?,
         };
+        rows.extend(figures.into_iter().map(|f| Row {
+            figure: f.figure,
+            value: f.value,
+            baseline: f.baseline,
+            ratio: f.ratio,
+            target: f.target,
+        }));
+    }
+    if args.only == Some(Section::Ops) {
+        let figures = ops_bench::ops(&pki, tmp.path(), &ops_bench::Options { records: args.ops_records }).await?;
         rows.extend(figures.into_iter().map(|f| Row {
             figure: f.figure,
             value: f.value,
