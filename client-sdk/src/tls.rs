@@ -562,9 +562,20 @@ impl ServerCertVerifier for RoleServerVerifier {
 
 /// A server's rustls config: mutual TLS is mandatory, HTTP/2 only.
 pub fn server_config(id: &TlsIdentity, revoked: RevocationSet) -> Result<Arc<rustls::ServerConfig>, TlsError> {
-    let inner = WebPkiClientVerifier::builder_with_provider(id.roots.clone(), provider())
-        .build()
-        .map_err(|e| TlsError::Config(e.to_string()))?;
+    build_server_config(id, revoked, true, vec![b"h2".to_vec()])
+}
+
+/// The one server config builder: the client verifier (webpki, then a gov-exchange identity that is not
+/// revoked), the rotating certificate, and the session cache a rotation clears.
+fn build_server_config(
+    id: &TlsIdentity,
+    revoked: RevocationSet,
+    client_certificate_required: bool,
+    alpn: Vec<Vec<u8>>,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let builder = WebPkiClientVerifier::builder_with_provider(id.roots.clone(), provider());
+    let builder = if client_certificate_required { builder } else { builder.allow_unauthenticated() };
+    let inner = builder.build().map_err(|e| TlsError::Config(e.to_string()))?;
     let verifier = Arc::new(IdentityClientVerifier { inner, revoked });
     let mut config = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
@@ -572,7 +583,7 @@ pub fn server_config(id: &TlsIdentity, revoked: RevocationSet) -> Result<Arc<rus
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(id.cert_resolver());
     config.session_storage = id.server_sessions();
-    config.alpn_protocols = vec![b"h2".to_vec()];
+    config.alpn_protocols = alpn;
     Ok(Arc::new(config))
 }
 
@@ -797,19 +808,7 @@ fn load_roots(path: &Path) -> Result<Arc<RootCertStore>, TlsError> {
 /// scraper with a token need not. A certificate that is presented is checked in full (CA, validity,
 /// gov-exchange identity, revocation); who may do what is decided per request by the admin server.
 pub fn admin_server_config(id: &TlsIdentity, revoked: RevocationSet) -> Result<Arc<rustls::ServerConfig>, TlsError> {
-    let inner = WebPkiClientVerifier::builder_with_provider(id.roots.clone(), provider())
-        .allow_unauthenticated()
-        .build()
-        .map_err(|e| TlsError::Config(e.to_string()))?;
-    let verifier = Arc::new(IdentityClientVerifier { inner, revoked });
-    let mut config = rustls::ServerConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| TlsError::Config(e.to_string()))?
-        .with_client_cert_verifier(verifier)
-        .with_cert_resolver(id.cert_resolver());
-    config.session_storage = id.server_sessions();
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
+    build_server_config(id, revoked, false, vec![b"h2".to_vec(), b"http/1.1".to_vec()])
 }
 
 /// A client config for an admin port: the server must chain to the CA in `ca` and carry one of

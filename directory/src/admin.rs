@@ -9,12 +9,12 @@ use client_sdk::admin::api::{
     CatalogReport, CatalogRow, CertificateInfo, GrantRow, GrantsReport, HealthCheck, IdentityInfo, OutboxReport,
     PeerInfo, PeersReport, ReloadReport, StatusReport,
 };
-use client_sdk::admin::health::{certificate_check, days_left};
+use client_sdk::admin::health::{certificate_check, days_left, sled_store_check};
 use client_sdk::admin::metrics::{GaugeText, Metrics};
 use client_sdk::admin::server::AdminSource;
 use client_sdk::admin::AdminConfig;
 use client_sdk::tls::TlsIdentity;
-use exchange_proto::v1::{GrantStatus, NodeStatus, ShareType};
+use exchange_proto::v1::NodeStatus;
 
 use crate::backup::DirectoryBackupSource;
 use crate::search::CatalogIndex;
@@ -52,20 +52,6 @@ impl DirectoryAdmin {
             Err(_) => (0, 0),
         }
     }
-
-    fn store_check(&self) -> HealthCheck {
-        // A write that must reach the disk: sled reports I/O errors (full disk, read-only mount) on flush.
-        let probe = (|| -> Result<(), sled::Error> {
-            let tree = self.database.db().open_tree("admin_probe")?;
-            tree.insert(b"last", &now_unix_ms().to_be_bytes())?;
-            tree.flush()?;
-            Ok(())
-        })();
-        match probe {
-            Ok(()) => HealthCheck { name: "store".into(), ok: true, detail: format!("writable ({})", self.data_dir.display()) },
-            Err(e) => HealthCheck { name: "store".into(), ok: false, detail: format!("cannot write the store: {e}") },
-        }
-    }
 }
 
 #[async_trait::async_trait]
@@ -74,7 +60,7 @@ impl AdminSource for DirectoryAdmin {
         let id = self.tls.current();
         vec![
             certificate_check(id.not_after_unix, self.admin.cert_expiry_warning_days),
-            tokio::task::block_in_place(|| self.store_check()),
+            tokio::task::block_in_place(|| sled_store_check(self.database.db(), &self.data_dir)),
         ]
     }
 
@@ -150,38 +136,13 @@ impl AdminSource for DirectoryAdmin {
 
     async fn catalog(&self) -> CatalogReport {
         let entries = self.stores.catalog.live_entries_after(None, LIST_LIMIT).await.unwrap_or_default();
-        CatalogReport {
-            entries: entries
-                .iter()
-                .map(|e| CatalogRow {
-                    code: e.resource_code.clone(),
-                    name: e.name.clone(),
-                    share_type: ShareType::try_from(e.share_type).map(|s| s.as_str_name().to_string()).unwrap_or_default(),
-                    items: e.data_items.len() as u64,
-                    version: e.version,
-                    withdrawn: e.withdrawn,
-                })
-                .collect(),
-        }
+        CatalogReport { entries: entries.iter().map(CatalogRow::from).collect() }
     }
 
     async fn grants(&self) -> GrantsReport {
         let mut grants = self.stores.grants.list(None).await.unwrap_or_default();
         grants.truncate(LIST_LIMIT);
-        GrantsReport {
-            grants: grants
-                .into_iter()
-                .map(|g| GrantRow {
-                    state: GrantStatus::try_from(g.status).map(|s| s.as_str_name().to_string()).unwrap_or_default(),
-                    items: if g.granted_items.is_empty() { g.requested_items.clone() } else { g.granted_items.clone() },
-                    id: g.grant_id,
-                    resource: g.resource_code,
-                    provider: g.provider_code,
-                    consumer: g.consumer_code,
-                    expires_unix_ms: g.expires_at_unix_ms,
-                })
-                .collect(),
-        }
+        GrantsReport { grants: grants.into_iter().map(GrantRow::from).collect() }
     }
 
     async fn reload(&self) -> Result<ReloadReport, String> {

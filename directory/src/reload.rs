@@ -50,33 +50,8 @@ impl Reloadable {
             }
             None => self.tls_paths.clone(),
         };
-        match self.tls.reload(&paths) {
-            Ok(rotation) => {
-                if rotation.changed() {
-                    tracing::info!(
-                        old_serial = %rotation.old.serial_hex,
-                        old_not_after = rotation.old.not_after_unix,
-                        new_serial = %rotation.new.serial_hex,
-                        new_not_after = rotation.new.not_after_unix,
-                        name = %rotation.new.name,
-                        "certificate rotated: new connections use the new certificate"
-                    );
-                } else {
-                    tracing::info!(serial = %rotation.new.serial_hex, "certificate files unchanged");
-                }
-                Ok(ReloadReport {
-                    certificate_changed: rotation.changed(),
-                    old_serial_hex: rotation.old.serial_hex,
-                    new_serial_hex: rotation.new.serial_hex,
-                    not_after_unix: rotation.new.not_after_unix,
-                    notes,
-                })
-            }
-            Err(e) => {
-                tracing::error!(error = %e, serial = %self.tls.current().serial_hex, "certificate reload refused; the certificate in use stays");
-                Err(format!("certificate not replaced: {e}"))
-            }
-        }
+        client_sdk::admin::reload_certificate(&self.tls, &paths, || {})
+            .map(|report| ReloadReport { notes, ..report })
     }
 }
 

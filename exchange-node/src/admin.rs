@@ -11,13 +11,13 @@ use client_sdk::admin::api::{
     BacklogSummary, CatalogReport, CatalogRow, CertificateInfo, DirectoryState, GrantRow, GrantsReport, HealthCheck,
     IdentityInfo, OutboxReport, OutboxRow, PeerInfo, PeersReport, ReloadReport, StatusReport,
 };
-use client_sdk::admin::health::{certificate_check, days_left};
+use client_sdk::admin::health::{certificate_check, days_left, sled_store_check};
 use client_sdk::admin::metrics::{GaugeText, Metrics};
 use client_sdk::admin::server::AdminSource;
 use client_sdk::admin::AdminConfig;
 use client_sdk::tls::TlsIdentity;
 use exchange_proto::v1::directory_client::DirectoryClient;
-use exchange_proto::v1::{GrantStatus, ListNodesRequest, NodeStatus, ShareType};
+use exchange_proto::v1::{GrantStatus, ListNodesRequest, NodeStatus};
 
 use crate::events::Events;
 use crate::relay::Exchange;
@@ -132,20 +132,6 @@ impl NodeAdmin {
             alarm_events: self.admin.backlog_alarm_events,
         }
     }
-
-    fn store_check(&self) -> HealthCheck {
-        // A write that must reach the disk: sled reports I/O errors (full disk, read-only mount) on flush.
-        let probe = (|| -> Result<(), sled::Error> {
-            let tree = self.db.open_tree("admin_probe")?;
-            tree.insert(b"last", &now_unix_ms().to_be_bytes())?;
-            tree.flush()?;
-            Ok(())
-        })();
-        match probe {
-            Ok(()) => HealthCheck { name: "store".into(), ok: true, detail: format!("writable ({})", self.data_dir.display()) },
-            Err(e) => HealthCheck { name: "store".into(), ok: false, detail: format!("cannot write the store: {e}") },
-        }
-    }
 }
 
 #[async_trait::async_trait]
@@ -171,7 +157,7 @@ impl AdminSource for NodeAdmin {
                 )
             },
         });
-        let store = tokio::task::block_in_place(|| self.store_check());
+        let store = tokio::task::block_in_place(|| sled_store_check(&self.db, &self.data_dir));
         checks.push(store);
         let rows = tokio::task::block_in_place(|| self.outbox_rows());
         let worst = rows.iter().filter(|r| r.side == "provider" && r.state == "active").max_by_key(|r| r.backlog_events);
@@ -298,40 +284,11 @@ impl AdminSource for NodeAdmin {
     }
 
     async fn catalog(&self) -> CatalogReport {
-        let entries = self
-            .exchange
-            .policy
-            .own_entries()
-            .iter()
-            .map(|e| CatalogRow {
-                code: e.resource_code.clone(),
-                name: e.name.clone(),
-                share_type: ShareType::try_from(e.share_type).map(|s| s.as_str_name().to_string()).unwrap_or_default(),
-                items: e.data_items.len() as u64,
-                version: e.version,
-                withdrawn: e.withdrawn,
-            })
-            .collect();
-        CatalogReport { entries }
+        CatalogReport { entries: self.exchange.policy.own_entries().iter().map(|e| CatalogRow::from(e.as_ref())).collect() }
     }
 
     async fn grants(&self) -> GrantsReport {
-        let grants = self
-            .exchange
-            .policy
-            .grants()
-            .into_iter()
-            .map(|g| GrantRow {
-                state: GrantStatus::try_from(g.status).map(|s| s.as_str_name().to_string()).unwrap_or_default(),
-                items: if g.granted_items.is_empty() { g.requested_items.clone() } else { g.granted_items.clone() },
-                id: g.grant_id,
-                resource: g.resource_code,
-                provider: g.provider_code,
-                consumer: g.consumer_code,
-                expires_unix_ms: g.expires_at_unix_ms,
-            })
-            .collect();
-        GrantsReport { grants }
+        GrantsReport { grants: self.exchange.policy.grants().into_iter().map(GrantRow::from).collect() }
     }
 
     async fn reload(&self) -> Result<ReloadReport, String> {

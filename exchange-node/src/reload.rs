@@ -88,41 +88,15 @@ impl Reloadable {
 
     /// The certificate half of [`Reloadable::reload_all`].
     pub fn reload_certificate(&self, paths: &TlsPaths) -> Result<ReloadReport, String> {
-        match self.tls.reload(paths) {
-            Ok(rotation) => {
-                if rotation.changed() {
-                    // New calls to other nodes open new connections, which present the new certificate.
-                    self.consumer.drop_connections();
-                    // And to the directory: heartbeats and resolutions then present the new certificate, so
-                    // the old serial can be revoked at once (the directory's connection age is not waited for).
-                    if let Err(e) = self.directory.redial() {
-                        tracing::error!(error = %e, "cannot re-dial the directory after the rotation");
-                    }
-                    tracing::info!(
-                        old_serial = %rotation.old.serial_hex,
-                        old_not_after = rotation.old.not_after_unix,
-                        new_serial = %rotation.new.serial_hex,
-                        new_not_after = rotation.new.not_after_unix,
-                        name = %rotation.new.name,
-                        "certificate rotated: new connections use the new certificate"
-                    );
-                } else {
-                    tracing::info!(serial = %rotation.new.serial_hex, "certificate files unchanged");
-                }
-                Ok(ReloadReport {
-                    certificate_changed: rotation.changed(),
-                    old_serial_hex: rotation.old.serial_hex,
-                    new_serial_hex: rotation.new.serial_hex,
-                    not_after_unix: rotation.new.not_after_unix,
-                    notes: Vec::new(),
-                })
+        client_sdk::admin::reload_certificate(&self.tls, paths, || {
+            // New calls to other nodes open new connections, which present the new certificate.
+            self.consumer.drop_connections();
+            // And to the directory: heartbeats and resolutions then present the new certificate, so the old
+            // serial can be revoked at once (the directory's connection age is not waited for).
+            if let Err(e) = self.directory.redial() {
+                tracing::error!(error = %e, "cannot re-dial the directory after the rotation");
             }
-            Err(e) => {
-                let current = self.tls.current();
-                tracing::error!(error = %e, serial = %current.serial_hex, "certificate reload refused; the certificate in use stays");
-                Err(format!("certificate not replaced: {e}"))
-            }
-        }
+        })
     }
 }
 

@@ -266,3 +266,35 @@ pub struct ReloadReport {
 pub struct ErrorBody {
     pub error: String,
 }
+
+impl From<&exchange_proto::v1::CatalogEntry> for CatalogRow {
+    fn from(e: &exchange_proto::v1::CatalogEntry) -> Self {
+        CatalogRow {
+            code: e.resource_code.clone(),
+            name: e.name.clone(),
+            share_type: exchange_proto::v1::ShareType::try_from(e.share_type)
+                .map(|s| s.as_str_name().to_string())
+                .unwrap_or_default(),
+            items: e.data_items.len() as u64,
+            version: e.version,
+            withdrawn: e.withdrawn,
+        }
+    }
+}
+
+impl From<exchange_proto::v1::Grant> for GrantRow {
+    fn from(g: exchange_proto::v1::Grant) -> Self {
+        GrantRow {
+            state: exchange_proto::v1::GrantStatus::try_from(g.status)
+                .map(|s| s.as_str_name().to_string())
+                .unwrap_or_default(),
+            // Approved grants list what was granted; pending ones what was asked for.
+            items: if g.granted_items.is_empty() { g.requested_items } else { g.granted_items },
+            id: g.grant_id,
+            resource: g.resource_code,
+            provider: g.provider_code,
+            consumer: g.consumer_code,
+            expires_unix_ms: g.expires_at_unix_ms,
+        }
+    }
+}

@@ -114,3 +114,19 @@ pub fn days_left(not_after_unix: i64) -> i64 {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
     (not_after_unix - now).div_euclid(86_400)
 }
+
+/// The `store` check of a server on sled: a write that must reach the disk (sled reports I/O errors,
+/// a full disk or a read-only mount, when it flushes).
+pub fn sled_store_check(db: &sled::Db, data_dir: &std::path::Path) -> HealthCheck {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0);
+    let probe = (|| -> Result<(), sled::Error> {
+        let tree = db.open_tree("admin_probe")?;
+        tree.insert(b"last", &now.to_be_bytes())?;
+        tree.flush()?;
+        Ok(())
+    })();
+    match probe {
+        Ok(()) => HealthCheck { name: "store".into(), ok: true, detail: format!("writable ({})", data_dir.display()) },
+        Err(e) => HealthCheck { name: "store".into(), ok: false, detail: format!("cannot write the store: {e}") },
+    }
+}
