@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use client_sdk::admin::client::{AdminAuth, AdminClient};
-use client_sdk::admin::metrics::{Direction, Metrics};
+use client_sdk::admin::metrics::{Direction, GaugeText, Metrics};
 use client_sdk::backup::{restore_into, RestoreOptions, ServerKind};
 use client_sdk::identity::Role;
 use client_sdk::tls;
@@ -58,9 +58,11 @@ const METRICS_PEERS: usize = 10;
 const METRICS_RESOURCES: usize = 5;
 /// Each of `/healthz` and `/metrics`, alternating.
 const SCRAPES: usize = 100;
-/// Records the writer cycles through during the backups (beyond the loaded ones, so every write is new at
-/// first, then an update).
+/// Loaded records the writer updates during the backups, in turn.
 const PROBE_KEYS: usize = 5_000;
+/// The writer's pace: slow enough to leave the store the size that was loaded (about 200 updates a
+/// second), fast enough that a write lands in every pause.
+const PROBE_EVERY: Duration = Duration::from_millis(5);
 /// Backups taken while the writer runs (one more is taken quiet first).
 const BACKUPS_UNDER_WRITES: usize = 2;
 
@@ -125,9 +127,7 @@ pub async fn ops(pki: &TestPki, tmp: &Path, options: &Options) -> anyhow::Result
     events_bench::wait_ready(pki, &directory.addr).await?;
     let ready = setup.elapsed();
 
-    let mut all = federation::enterprise_records(options.records + PROBE_KEYS, 2026);
-    let probe_records = all.split_off(options.records);
-    let records = all;
+    let records = federation::enterprise_records(options.records, 2026);
     let commerce_app = pki.identity("commerce", Role::App, "commerce-app");
     let loader = client_sdk::client::node_client(&commerce.addr, &commerce_app)?;
     let load_started = Instant::now();
@@ -164,13 +164,18 @@ pub async fn ops(pki: &TestPki, tmp: &Path, options: &Options) -> anyhow::Result
     println!(
         "Metrics::relay + grpc_call, {METRICS_CALLS} calls over {} label sets: {:.0} ns per pair on 1 thread, {:.0} ns on 2 threads at once; others used {}",
         METRICS_PEERS * METRICS_RESOURCES,
-        one_thread.as_secs_f64() * 1e9,
-        two_threads.as_secs_f64() * 1e9,
+        one_thread.per_pair.as_secs_f64() * 1e9,
+        two_threads.per_pair.as_secs_f64() * 1e9,
         share(&meter)
+    );
+    println!(
+        "  unscraped, the registry kept every histogram sample: process RSS +{} over the {METRICS_CALLS} pairs (1 thread); the first render (it drains them) took {}",
+        one_thread.rss_growth_kb.map_or("?".into(), |kb| megabytes(kb * 1024)),
+        ms(one_thread.first_render)
     );
     // Both nodes of a relayed request record the pair: the consumer (its app's call, outbound) and the
     // provider (the node's call, inbound).
-    for (threads, cost) in [(1, one_thread), (2, two_threads)] {
+    for (threads, cost) in [(1, one_thread.per_pair), (2, two_threads.per_pair)] {
         let per_request = 2.0 * cost.as_secs_f64();
         figures.push(fig(
             format!("metrics per relayed request: Metrics::relay + grpc_call, ×2 nodes ({threads} thread{})", if threads == 1 { "" } else { "s at once" }),
@@ -180,6 +185,13 @@ pub async fn ops(pki: &TestPki, tmp: &Path, options: &Options) -> anyhow::Result
             "",
         ));
     }
+    figures.push(fig(
+        format!("  registry growth while nobody scrapes: process RSS after {METRICS_CALLS} pairs"),
+        one_thread.rss_growth_kb.map_or("?".into(), |kb| format!("+{}", megabytes(kb * 1024))),
+        format!("2 histogram samples per pair; first render {}", ms(one_thread.first_render)),
+        one_thread.rss_growth_kb.map_or(String::new(), |kb| format!("{:.0} B per pair", kb as f64 * 1024.0 / METRICS_CALLS as f64)),
+        "",
+    ));
 
     // ---- scrape of a registry with ~2,000 label sets, against /healthz on the same port ----
     let operator = pki.identity("commerce", Role::Operator, "commerce-operator");
@@ -197,24 +209,43 @@ pub async fn ops(pki: &TestPki, tmp: &Path, options: &Options) -> anyhow::Result
     );
     let meter = OthersMeter::start();
     let scrape = scrape_vs_healthz(&admin).await?;
+    let spread = |v: &[Duration]| {
+        format!(
+            "p50 {} p90 {} max {} mean {}",
+            ms(percentile(v, 50.0)),
+            ms(percentile(v, 90.0)),
+            ms(v.last().copied().unwrap_or_default()),
+            ms(mean(v))
+        )
+    };
     println!(
-        "GET /metrics ({} B, {} lines): p50 {} mean {} max {}; GET /healthz: p50 {} mean {} max {}; others used {}",
+        "GET /metrics ({} B, {} lines): {}\n  GET /healthz right after each: {}\n  GET /healthz alone, back to back: {}\n  others used {}",
         scrape.metrics_bytes,
         scrape.metrics_lines,
-        ms(percentile(&scrape.metrics, 50.0)),
-        ms(mean(&scrape.metrics)),
-        ms(*scrape.metrics.last().unwrap_or(&Duration::ZERO)),
-        ms(percentile(&scrape.healthz, 50.0)),
-        ms(mean(&scrape.healthz)),
-        ms(*scrape.healthz.last().unwrap_or(&Duration::ZERO)),
+        spread(&scrape.metrics),
+        spread(&scrape.healthz),
+        spread(&scrape.healthz_alone),
         share(&meter)
     );
+    let (render_sets, render_bytes, render) = tokio::task::spawn_blocking(move || render_cost(peers)).await?;
+    println!(
+        "  Metrics::render alone, in process, of a registry of the same shape ({render_sets} label sets, {render_bytes} B): median {}",
+        ms(render)
+    );
     let (m50, h50) = (percentile(&scrape.metrics, 50.0), percentile(&scrape.healthz, 50.0));
+    let alone50 = percentile(&scrape.healthz_alone, 50.0);
     figures.push(fig(
         format!("GET /metrics, {label_sets} label sets ({:.0} kB), p50 of {SCRAPES} (fresh HTTPS connection each)", scrape.metrics_bytes as f64 / 1e3),
         format!("{} (mean {})", ms(m50), ms(mean(&scrape.metrics))),
-        format!("GET /healthz {} (mean {})", ms(h50), ms(mean(&scrape.healthz))),
-        format!("{} (+{})", times(m50.as_secs_f64(), h50.as_secs_f64()), ms(m50.saturating_sub(h50))),
+        format!("GET /healthz {} right after each scrape; {} back to back", ms(h50), ms(alone50)),
+        format!("{} · {}", times(m50.as_secs_f64(), h50.as_secs_f64()), times(m50.as_secs_f64(), alone50.as_secs_f64())),
+        "",
+    ));
+    figures.push(fig(
+        format!("  of which Metrics::render alone, in process ({render_sets} label sets, same shape)"),
+        ms(render),
+        format!("GET /metrics {}", ms(m50)),
+        format!("{:.0}%", 100.0 * render.as_secs_f64() / m50.as_secs_f64().max(1e-12)),
         "",
     ));
 
@@ -228,7 +259,7 @@ pub async fn ops(pki: &TestPki, tmp: &Path, options: &Options) -> anyhow::Result
     let quiet_time = started.elapsed();
     let mut totals = vec![quiet_time];
     let mut windows = Vec::new();
-    let writer = ProbeWriter::start(loader.clone(), probe_records);
+    let writer = ProbeWriter::start(loader.clone(), records[..PROBE_KEYS.min(records.len())].to_vec());
     // Writes before the first backup give the writer's own latency outside backups.
     tokio::time::sleep(Duration::from_secs(1)).await;
     for n in 0..BACKUPS_UNDER_WRITES {
@@ -253,7 +284,8 @@ pub async fn ops(pki: &TestPki, tmp: &Path, options: &Options) -> anyhow::Result
         if paused.is_empty() { "not caught".to_string() } else { paused.iter().map(|p| format!("{p} ms")).collect::<Vec<_>>().join(", ") },
     );
     println!(
-        "PutRecords of 1 record: {} during the backups (max {}), {} outside (p50 {}, max {}), {} failed",
+        "PutRecords of 1 record every {} ms: {} during the backups (max {}), {} outside (p50 {}, max {}), {} failed",
+        PROBE_EVERY.as_millis(),
         during.len(),
         ms(during.last().copied().unwrap_or_default()),
         outside.len(),
@@ -302,7 +334,7 @@ pub async fn ops(pki: &TestPki, tmp: &Path, options: &Options) -> anyhow::Result
         "",
     ));
     figures.push(fig(
-        "  the same while an app writes 1 record per PutRecords",
+        format!("  the same while an app updates 1 record per PutRecords every {} ms", PROBE_EVERY.as_millis()),
         total_text(&totals[1..]),
         base_text.clone(),
         totals[1..].iter().map(|t| times(t.as_secs_f64(), base.as_secs_f64())).collect::<Vec<_>>().join(" · "),
@@ -408,9 +440,18 @@ async fn relay_latency(tax: &ExchangeNodeClient<Channel>, keys: &[String]) -> an
     Ok(latencies)
 }
 
+struct MetricsCost {
+    /// Wall time × threads / pairs.
+    per_pair: Duration,
+    /// The process's resident memory after the pairs, less before (the registry is not scraped meanwhile).
+    rss_growth_kb: Option<u64>,
+    /// The first `render` after the pairs.
+    first_render: Duration,
+}
+
 /// Time per `Metrics::relay` + `Metrics::grpc_call` pair on a fresh registry, `calls` pairs over 50 label
-/// sets, split over `threads` threads running at once (then: wall time × threads / calls).
-fn metrics_pair_cost(calls: usize, threads: usize) -> Duration {
+/// sets, split over `threads` threads running at once.
+fn metrics_pair_cost(calls: usize, threads: usize) -> MetricsCost {
     let metrics = Metrics::new();
     let departments = ["tax", "quality", "police", "civil-affairs", "social-security", "housing", "health", "education", "transport", "statistics"];
     let resources = ["101001/000001", "101001/000002", "101001/000003", "104001/000001", "104001/000002"];
@@ -426,6 +467,7 @@ fn metrics_pair_cost(calls: usize, threads: usize) -> Duration {
         metrics.grpc_call("Relay", "FetchRecords", peer, tonic::Code::Ok, Duration::from_micros(500));
     }
     let per_thread = calls / threads;
+    let rss_before = rss_kb();
     let started = Instant::now();
     std::thread::scope(|s| {
         for t in 0..threads {
@@ -442,9 +484,46 @@ fn metrics_pair_cost(calls: usize, threads: usize) -> Duration {
         }
     });
     let wall = started.elapsed();
+    let rss_growth_kb = rss_kb().zip(rss_before).map(|(after, before)| after.saturating_sub(before));
     let total = metrics.totals().requests as usize;
     assert_eq!(total, labels.len() + per_thread * threads, "every call counted");
-    wall * threads as u32 / (per_thread * threads) as u32
+    let started = Instant::now();
+    let text = metrics.render(&GaugeText::default());
+    let first_render = started.elapsed();
+    assert!(text.contains("gx_relay_duration_seconds_bucket"), "the histograms are rendered");
+    MetricsCost { per_pair: wall * threads as u32 / (per_thread * threads) as u32, rss_growth_kb, first_render }
+}
+
+/// This process's resident memory (`VmRSS`), in kB.
+fn rss_kb() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// `Metrics::render` alone, in process, of a registry filled as [`fill_registry`]'s traffic fills
+/// commerce's (`peers` departments × [`PEER_RESOURCES`], answered or refused): the scrape's cost without
+/// HTTPS and without the node's gauges and readiness checks. Returns the label sets, the bytes and the
+/// median of 21 renders.
+fn render_cost(peers: usize) -> (usize, usize, Duration) {
+    let metrics = Metrics::new();
+    for p in 0..peers {
+        let peer = format!("peer-{p:04}");
+        for resource in PEER_RESOURCES {
+            let code = if *resource == RESOURCE { tonic::Code::Ok } else { tonic::Code::PermissionDenied };
+            metrics.relay(Direction::Inbound, &peer, resource, code, Duration::from_micros(400));
+            metrics.grpc_call("Relay", "FetchRecords", &peer, code, Duration::from_micros(450));
+        }
+    }
+    let mut text = metrics.render(&GaugeText::default());
+    let mut times = Vec::new();
+    for _ in 0..21 {
+        let started = Instant::now();
+        text = metrics.render(&GaugeText::default());
+        times.push(started.elapsed());
+    }
+    times.sort_unstable();
+    (label_sets(&text), text.len(), times[times.len() / 2])
 }
 
 /// Series in a Prometheus exposition: every sample line, a histogram counted once (its `_count`).
@@ -510,15 +589,26 @@ async fn scrape(admin: &AdminClient) -> anyhow::Result<String> {
 struct ScrapeTimes {
     /// Sorted.
     metrics: Vec<Duration>,
-    /// Sorted.
+    /// Sorted; each right after a `/metrics`.
     healthz: Vec<Duration>,
+    /// Sorted; `/healthz` back to back, before any scrape of this phase.
+    healthz_alone: Vec<Duration>,
     metrics_bytes: usize,
     metrics_lines: usize,
 }
 
 /// [`SCRAPES`] of each, alternating so drift on the machine hits both; a few of each first as warm-up.
 async fn scrape_vs_healthz(admin: &AdminClient) -> anyhow::Result<ScrapeTimes> {
-    let mut t = ScrapeTimes { metrics: Vec::new(), healthz: Vec::new(), metrics_bytes: 0, metrics_lines: 0 };
+    let mut t = ScrapeTimes { metrics: Vec::new(), healthz: Vec::new(), healthz_alone: Vec::new(), metrics_bytes: 0, metrics_lines: 0 };
+    for i in 0..SCRAPES + 5 {
+        let started = Instant::now();
+        let (status, body) = admin.get_text("/healthz").await?;
+        let healthz = started.elapsed();
+        anyhow::ensure!(status == 200, "GET /healthz answered {status}: {body}");
+        if i >= 5 {
+            t.healthz_alone.push(healthz);
+        }
+    }
     for i in 0..SCRAPES + 5 {
         let started = Instant::now();
         let (status, body) = admin.get_text("/healthz").await?;
@@ -536,10 +626,12 @@ async fn scrape_vs_healthz(admin: &AdminClient) -> anyhow::Result<ScrapeTimes> {
     }
     t.metrics.sort_unstable();
     t.healthz.sort_unstable();
+    t.healthz_alone.sort_unstable();
     Ok(t)
 }
 
-/// An application writing one record per `PutRecords`, back to back, until stopped.
+/// An application updating one record per `PutRecords` every [`PROBE_EVERY`] (sooner after a slow
+/// write: the pace is not made up), until stopped.
 struct ProbeWriter {
     stop: Arc<AtomicBool>,
     task: tokio::task::JoinHandle<Writes>,
@@ -577,12 +669,16 @@ impl ProbeWriter {
             let mut client = client;
             let mut writes = Writes { calls: Vec::new(), errors: 0 };
             let mut i = 0;
+            let mut pace = tokio::time::interval(PROBE_EVERY);
+            pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             while !stopped.load(Ordering::Relaxed) {
-                let req = PutRecordsRequest {
-                    resource_code: RESOURCE.into(),
-                    records: vec![records[i % records.len()].clone()],
-                    ..Default::default()
-                };
+                pace.tick().await;
+                let mut record = records[i % records.len()].clone();
+                // The status alternates between two registered values from one pass over the keys to the
+                // next, so the writes change records rather than rewrite them as they were.
+                let status = if (i / records.len()) % 2 == 0 { "在业" } else { "存续" };
+                record.items.insert("登记状态".into(), status.into());
+                let req = PutRecordsRequest { resource_code: RESOURCE.into(), records: vec![record], ..Default::default() };
                 i += 1;
                 let started = Instant::now();
                 match client.put_records(req).await {
