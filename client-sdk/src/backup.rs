@@ -894,9 +894,9 @@ pub fn restore_into(file: &Path, target_dir: &Path, options: &RestoreOptions) ->
 mod tests {
     use super::*;
 
+    fn sample(dir: &Path) -> (PathBuf, BackupSummary) {
         // Not `temporary`: sled deletes a temporary database in the background after it is dropped, which
         // would race with tests that compare the folder before and after.
-    fn sample(dir: &Path) -> (PathBuf, BackupSummary) {
         let db = sled::Config::new().path(dir.join("src.sled")).open().unwrap();
         let meta = db.open_tree("policy_meta").unwrap();
         meta.insert("catalog_version", &7u64.to_be_bytes()).unwrap();
