@@ -38,7 +38,7 @@ use tracing_subscriber::Layer;
 
 use crate::events_bench::{self, Figure};
 use crate::federation;
-use crate::load::OthersMeter;
+use crate::load::{self, OthersMeter};
 use crate::pki::TestPki;
 
 /// Commerce's 企业登记信息 (unconditional): the records every part of the section reads and writes.
@@ -146,16 +146,22 @@ pub async fn ops(pki: &TestPki, tmp: &Path, options: &Options) -> anyhow::Result
     let tax_app = pki.identity("tax", Role::App, "tax-app");
     let tax_client = client_sdk::client::node_client(&tax.addr, &tax_app)?;
     let meter = OthersMeter::start();
+    let cpu_before = load::process_cpu_time();
     let relay = relay_latency(&tax_client, &keys).await?;
+    // The whole process (app, both nodes, directory) per query; the warm-up's queries count too.
+    let relay_cpu = load::process_cpu_time()
+        .zip(cpu_before)
+        .map(|(after, before)| (after - before) / (relay.len() + relay.len() / 10) as u32);
     let relay_mean = mean(&relay);
     let mut sorted = relay.clone();
     sorted.sort_unstable();
     println!(
-        "relayed query (tax's app → tax → commerce, 1 key, {} back to back): mean {:.0} µs, p50 {:.0} µs, p99 {:.0} µs; others used {}",
+        "relayed query (tax's app → tax → commerce, 1 key, {} back to back): mean {:.0} µs, p50 {:.0} µs, p99 {:.0} µs, CPU {} per query (whole process); others used {}",
         relay.len(),
         relay_mean.as_secs_f64() * 1e6,
         percentile(&sorted, 50.0).as_secs_f64() * 1e6,
         percentile(&sorted, 99.0).as_secs_f64() * 1e6,
+        relay_cpu.map_or("?".into(), |c| format!("{:.0} µs", c.as_secs_f64() * 1e6)),
         share(&meter)
     );
     let meter = OthersMeter::start();
@@ -180,8 +186,17 @@ pub async fn ops(pki: &TestPki, tmp: &Path, options: &Options) -> anyhow::Result
         figures.push(fig(
             format!("metrics per relayed request: Metrics::relay + grpc_call, ×2 nodes ({threads} thread{})", if threads == 1 { "" } else { "s at once" }),
             format!("{:.0} ns ({:.0} ns per node)", per_request * 1e9, cost.as_secs_f64() * 1e9),
-            format!("relayed query mean {:.0} µs ({} back to back)", relay_mean.as_secs_f64() * 1e6, relay.len()),
-            format!("{:.3}% of a relayed query", 100.0 * per_request / relay_mean.as_secs_f64().max(1e-12)),
+            format!(
+                "relayed query: mean {:.0} µs ({} back to back), CPU {}",
+                relay_mean.as_secs_f64() * 1e6,
+                relay.len(),
+                relay_cpu.map_or("?".into(), |c| format!("{:.0} µs", c.as_secs_f64() * 1e6))
+            ),
+            format!(
+                "{:.1}% of its latency, {} of its CPU",
+                100.0 * per_request / relay_mean.as_secs_f64().max(1e-12),
+                relay_cpu.map_or("?".into(), |c| format!("{:.1}%", 100.0 * per_request / c.as_secs_f64().max(1e-12)))
+            ),
             "",
         ));
     }
