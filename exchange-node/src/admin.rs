@@ -191,7 +191,6 @@ impl AdminSource for NodeAdmin {
             .gauge("gx_directory_staleness_bound_seconds", "relay.max_directory_staleness_seconds", &[], policy.max_staleness().as_secs_f64())
             .gauge("gx_store_size_bytes", "Size of the node's sled store on disk", &[], self.db.size_on_disk().unwrap_or(0) as f64)
             .gauge("gx_certificate_expiry_days", "Days until the server certificate expires", &[], days_left(id.not_after_unix) as f64)
-            .gauge("gx_records_stored", "Records in the node's record store", &[], self.exchange.records.count().unwrap_or(0) as f64)
             .gauge("gx_audit_entries", "Entries in the audit trail", &[], self.exchange.audit.len() as f64);
         let rows = tokio::task::block_in_place(|| self.outbox_rows());
         for r in rows.iter().filter(|r| r.state == "active") {

@@ -32,6 +32,9 @@ const REFUSED_KEPT: usize = 100;
 /// values come from certificates and catalog codes, but a bound keeps a misbehaving peer from growing
 /// the table without end.
 const TRAFFIC_ROWS_MAX: usize = 2000;
+/// Histogram samples are kept until the registry's upkeep folds them into buckets; a scrape does that,
+/// but a node nobody scrapes would keep every sample. Upkeep also runs after this many recordings.
+const UPKEEP_EVERY: u64 = 4096;
 
 /// Which way a relayed request went.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -100,6 +103,7 @@ pub struct Metrics {
     errors: AtomicU64,
     refusals: AtomicU64,
     rate_limited: AtomicU64,
+    recordings: AtomicU64,
     started: Instant,
     started_unix_ms: i64,
 }
@@ -126,6 +130,7 @@ impl Metrics {
             errors: AtomicU64::new(0),
             refusals: AtomicU64::new(0),
             rate_limited: AtomicU64::new(0),
+            recordings: AtomicU64::new(0),
             started: Instant::now(),
             started_unix_ms: now_unix_ms(),
         })
@@ -156,6 +161,13 @@ impl Metrics {
             self.errors.fetch_add(1, Ordering::Relaxed);
         }
         self.add_row("api", peer, &format!("{service}/{method}"), code_label, elapsed);
+        self.upkeep_now_and_then();
+    }
+
+    fn upkeep_now_and_then(&self) {
+        if self.recordings.fetch_add(1, Ordering::Relaxed) % UPKEEP_EVERY == UPKEEP_EVERY - 1 {
+            self.handle.run_upkeep();
+        }
     }
 
     /// A relayed record query, per peer department and resource.
@@ -173,6 +185,7 @@ impl Metrics {
             self.rate_limited(peer, resource);
         }
         self.add_row(direction.as_str(), peer, resource, code_label, elapsed);
+        self.upkeep_now_and_then();
     }
 
     /// A consumer's request refused by this provider's quota.
