@@ -292,7 +292,7 @@ async fn node_and_directory_admin_ports() {
     assert_eq!(status.server, "directory");
     assert!(status.catalog_entries > 0 && status.nodes_online >= 1, "{status:?}");
     let metrics = central.get_text("/metrics").await.unwrap().1;
-    for expected in ["gx_directory_nodes{status=\"online\"}", "gx_catalog_entries ", "gx_requests_total{service=\"Directory\",method=\"Heartbeat\",peer_department=\"commerce\",code=\"OK\"}"] {
+    for expected in ["gx_directory_nodes{status=\"online\"}", "gx_catalog_entries ", "gx_requests_total{service=\"Directory\",method=\"RegisterNode\",peer_department=\"commerce\",code=\"OK\"}"] {
         assert!(metrics.contains(expected), "directory metrics lack {expected}:\n{metrics}");
     }
     let e = admin(&pki, &dir_admin_addr, Some("commerce"), None).get_json::<StatusReport>("/api/status").await.unwrap_err();
