@@ -1035,3 +1035,12 @@ mod tests {
         assert!(w.file("../x", 0o600, b"").is_err());
     }
 }
+
+/// A fresh name for a temporary backup file in `data_dir` (a server writes there, streams it, then removes
+/// it). Hidden, and never picked up by a later backup, which copies only the database and key files.
+pub fn temp_backup_path(data_dir: &Path) -> PathBuf {
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
+    data_dir.join(format!(".backup-{now}-{}-{n}.{FILE_EXTENSION}", std::process::id()))
+}

@@ -81,19 +81,9 @@ impl AdminSource for DirectoryAdmin {
         StatusReport {
             server: "directory".into(),
             version: SOFTWARE_VERSION.into(),
-            identity: IdentityInfo {
-                department: id.department.clone(),
-                role: id.role.to_string(),
-                name: id.name.clone(),
-                serial_hex: id.serial_hex.clone(),
-            },
+            identity: IdentityInfo::from(&id),
             grpc_address: self.grpc_address.clone(),
-            certificate: CertificateInfo {
-                serial_hex: id.serial_hex.clone(),
-                not_after_unix: id.not_after_unix,
-                days_left: days_left(id.not_after_unix),
-                warning_days: self.admin.cert_expiry_warning_days,
-            },
+            certificate: CertificateInfo::of(&id, self.admin.cert_expiry_warning_days),
             store_bytes: self.database.db().size_on_disk().unwrap_or(0),
             nodes_online: online,
             nodes_offline: offline,

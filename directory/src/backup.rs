@@ -7,14 +7,12 @@
 //! index is not copied: it is derived state, rebuilt from the catalog when the directory starts.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use client_sdk::backup::{write_backup_file, BackupHeader, BackupSummary, ServerKind, FILE_EXTENSION};
+use client_sdk::backup::{write_backup_file, BackupHeader, BackupSummary, ServerKind};
 use client_sdk::identity::PeerIdentity;
 
-use crate::service::now_unix_ms;
 use crate::store::sled::SledDatabase;
 use crate::store::StoreError;
 
@@ -30,11 +28,7 @@ pub struct DirectoryBackupSource {
 }
 
 /// A fresh name for a backup file in `data_dir` (the admin port writes there, streams, then removes it).
-pub fn temp_backup_path(data_dir: &Path) -> PathBuf {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    data_dir.join(format!(".backup-{}-{}-{n}.{FILE_EXTENSION}", now_unix_ms(), std::process::id()))
-}
+pub use client_sdk::backup::temp_backup_path;
 
 fn backup_error(e: impl std::fmt::Display) -> StoreError {
     StoreError::Backend(format!("backup: {e}"))

@@ -54,16 +54,6 @@ fn seconds_since(unix_ms: i64, now: i64) -> f64 {
 }
 
 impl NodeAdmin {
-    fn certificate(&self) -> CertificateInfo {
-        let id = self.tls.current();
-        CertificateInfo {
-            serial_hex: id.serial_hex.clone(),
-            not_after_unix: id.not_after_unix,
-            days_left: days_left(id.not_after_unix),
-            warning_days: self.admin.cert_expiry_warning_days,
-        }
-    }
-
     fn directory_state(&self) -> DirectoryState {
         let now = now_unix_ms();
         let policy = &self.exchange.policy;
@@ -211,14 +201,9 @@ impl AdminSource for NodeAdmin {
         StatusReport {
             server: "exchange-node".into(),
             version: SOFTWARE_VERSION.into(),
-            identity: IdentityInfo {
-                department: id.department.clone(),
-                role: id.role.to_string(),
-                name: id.name.clone(),
-                serial_hex: id.serial_hex.clone(),
-            },
+            identity: IdentityInfo::from(&id),
             grpc_address: self.grpc_address.clone(),
-            certificate: self.certificate(),
+            certificate: CertificateInfo::of(&id, self.admin.cert_expiry_warning_days),
             directory: Some(self.directory_state()),
             backlog: Some(self.backlog(&rows)),
             store_bytes: self.db.size_on_disk().unwrap_or(0),

@@ -14,11 +14,10 @@
 //! therefore a secret (written 0600).
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use client_sdk::backup::{write_backup_file, BackupHeader, BackupSummary, ServerKind, FILE_EXTENSION};
+use client_sdk::backup::{write_backup_file, BackupHeader, BackupSummary, ServerKind};
 
 use crate::audit::{HASH_KEY_FILE, PUBLIC_KEY_FILE, SEAL_KEY_FILE};
 use crate::error::NodeError;
@@ -41,11 +40,7 @@ pub struct NodeBackupSource {
 
 /// A fresh name for a backup file in `data_dir` (the admin port writes there, streams, then removes it).
 /// Hidden, and never picked up by a later backup, which copies only the database and the key files.
-pub fn temp_backup_path(data_dir: &Path) -> PathBuf {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    data_dir.join(format!(".backup-{}-{}-{n}.{FILE_EXTENSION}", crate::state::now_unix_ms(), std::process::id()))
-}
+pub use client_sdk::backup::temp_backup_path;
 
 /// Writes a consistent backup of the running node to `out` (mode 0600; written under a temporary name
 /// and renamed when complete). Blocks on locks and the disk: call it from a blocking thread (or use

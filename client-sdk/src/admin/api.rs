@@ -298,3 +298,26 @@ impl From<exchange_proto::v1::Grant> for GrantRow {
         }
     }
 }
+
+impl From<&crate::identity::PeerIdentity> for IdentityInfo {
+    fn from(id: &crate::identity::PeerIdentity) -> Self {
+        IdentityInfo {
+            department: id.department.clone(),
+            role: id.role.to_string(),
+            name: id.name.clone(),
+            serial_hex: id.serial_hex.clone(),
+        }
+    }
+}
+
+impl CertificateInfo {
+    /// The certificate `id` describes, with readiness failing under `warning_days` days left.
+    pub fn of(id: &crate::identity::PeerIdentity, warning_days: i64) -> Self {
+        CertificateInfo {
+            serial_hex: id.serial_hex.clone(),
+            not_after_unix: id.not_after_unix,
+            days_left: super::health::days_left(id.not_after_unix),
+            warning_days,
+        }
+    }
+}
