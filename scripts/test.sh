@@ -24,10 +24,19 @@ else
   echo "chromium: missing and no root or sudo to install it; the console test skips unless GX_REQUIRE_CHROMIUM is set"
 fi
 
+# The PostgreSQL store tests need a real server: one for the whole run (scripts/postgres.sh), as an
+# unprivileged user in a temporary folder on a free port, stopped and removed on exit. Without one the
+# tests would start their own; they never skip.
+source scripts/postgres.sh
+gx_pg_install
+log=""
+trap 'gx_pg_stop; [ -z "$log" ] || rm -f "$log"' EXIT
+# Durability is the backend's business, not the tests': a throw-away server need not fsync.
+gx_pg_start fsync=off full_page_writes=off
+
 # The end-to-end tests start the binaries from target/debug: build them first, in the same profile.
 cargo build --workspace --bins --examples --locked
 log=$(mktemp)
-trap 'rm -f "$log"' EXIT
 status=0
 cargo test --workspace --locked --no-fail-fast "$@" 2>&1 | tee "$log" || status=$?
 

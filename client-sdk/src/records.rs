@@ -60,7 +60,7 @@ use tonic::{Code, Status};
 use unicode_width::UnicodeWidthStr;
 
 use crate::catalog::EnumWords;
-use crate::client;
+use crate::client::{self, DirectoryChannel};
 use crate::error::{ClientError, FieldViolation};
 use crate::ids::{self, IdError};
 use crate::tls::TlsIdentity;
@@ -728,13 +728,14 @@ const PUT_BATCH_BYTES: usize = MAX_MESSAGE_BYTES - 64 * 1024;
 #[derive(Clone, Debug)]
 pub struct ExchangeClient {
     node: ExchangeNodeClient<Channel>,
-    directory: Option<DirectoryClient<Channel>>,
+    directory: Option<DirectoryClient<DirectoryChannel>>,
     timeout: Duration,
 }
 
 impl ExchangeClient {
     /// Sets up connections to the node at `node_addr` (its certificate must have role `node`) and, if given,
-    /// to the directory (role `directory`). Nothing is dialled yet: the first call connects, and a broken
+    /// to the directory (role `directory`; one `host:port` or its replicas separated by commas, failed over
+    /// as [`DirectoryChannel`] describes). Nothing is dialled yet: the first call connects, and a broken
     /// connection is re-dialled on the next call. Must be called inside a Tokio runtime.
     pub fn connect(node_addr: &str, directory_addr: Option<&str>, identity: &TlsIdentity) -> Result<Self, ClientError> {
         let node = client::node_client(node_addr, identity)?;
@@ -743,7 +744,7 @@ impl ExchangeClient {
     }
 
     /// On clients set up elsewhere (shared channels, tests).
-    pub fn from_clients(node: ExchangeNodeClient<Channel>, directory: Option<DirectoryClient<Channel>>) -> Self {
+    pub fn from_clients(node: ExchangeNodeClient<Channel>, directory: Option<DirectoryClient<DirectoryChannel>>) -> Self {
         ExchangeClient { node, directory, timeout: DEFAULT_TIMEOUT }
     }
 
@@ -781,7 +782,7 @@ impl ExchangeClient {
         }
     }
 
-    fn directory(&self) -> Result<DirectoryClient<Channel>, ClientError> {
+    fn directory(&self) -> Result<DirectoryClient<DirectoryChannel>, ClientError> {
         self.directory.clone().ok_or_else(|| ClientError::Other {
             code: Code::FailedPrecondition,
             message: "grants are kept by the directory: pass its address to ExchangeClient::connect".into(),

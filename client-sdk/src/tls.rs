@@ -420,8 +420,9 @@ impl RevocationSet {
     pub fn is_revoked(&self, serial_hex: &str) -> bool {
         self.0.read().expect("revocation lock").contains(serial_hex)
     }
-    pub fn insert(&self, serial_hex: String) {
-        self.0.write().expect("revocation lock").insert(serial_hex);
+    /// Adds a serial; false if it was revoked already.
+    pub fn insert(&self, serial_hex: String) -> bool {
+        self.0.write().expect("revocation lock").insert(serial_hex)
     }
     pub fn replace_all(&self, serials: impl IntoIterator<Item = String>) {
         *self.0.write().expect("revocation lock") = serials.into_iter().collect();

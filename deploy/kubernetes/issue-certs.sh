@@ -6,8 +6,9 @@
 #   ./issue-certs.sh CA_DIR [NAMESPACE]
 #
 # CA_DIR holds ca.crt and ca.key (`exchangectl pki init --dir CA_DIR`); the certificates are issued there
-# too, as `exchangectl pki issue` does. Certificates already in CA_DIR are reused, not reissued: check
-# their hosts with `exchangectl pki show CA_DIR/NAME.crt`.
+# too, as `exchangectl pki issue` does. Certificates already in CA_DIR are reused, not reissued: a
+# directory certificate issued before the gx-directory-replicas names were added lacks them (move
+# CA_DIR/directory.crt and .key aside and run this again before applying ../kubernetes-ha).
 set -eu
 if [ $# -lt 1 ]; then
   echo "usage: $0 CA_DIR [NAMESPACE]" >&2
@@ -38,8 +39,12 @@ issue() {
   echo "issued $name"
 }
 
+# gx-directory-replicas is the headless Service of the highly available variant (../kubernetes-ha); every replica
+# presents this one certificate, whichever of the two names a client dialled.
 issue directory central directory \
-  "gx-directory" "gx-directory.$NS" "gx-directory.$NS.svc" "gx-directory.$NS.svc.cluster.local"
+  "gx-directory" "gx-directory.$NS" "gx-directory.$NS.svc" "gx-directory.$NS.svc.cluster.local" \
+  "gx-directory-replicas" "gx-directory-replicas.$NS" "gx-directory-replicas.$NS.svc" \
+  "gx-directory-replicas.$NS.svc.cluster.local"
 issue tax-node tax node \
   "gx-node-tax.$NS.svc" "gx-node-tax.$NS.svc.cluster.local" "gx-node-tax-0.gx-node-tax.$NS.svc.cluster.local"
 

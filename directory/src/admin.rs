@@ -9,7 +9,7 @@ use client_sdk::admin::api::{
     CatalogReport, CatalogRow, CertificateInfo, GrantRow, GrantsReport, HealthCheck, IdentityInfo, OutboxReport,
     PeerInfo, PeersReport, ReloadReport, StatusReport,
 };
-use client_sdk::admin::health::{certificate_check, days_left, sled_store_check};
+use client_sdk::admin::health::{certificate_check, days_left};
 use client_sdk::admin::metrics::{GaugeText, Metrics};
 use client_sdk::admin::server::AdminSource;
 use client_sdk::admin::AdminConfig;
@@ -19,8 +19,7 @@ use exchange_proto::v1::NodeStatus;
 use crate::backup::DirectoryBackupSource;
 use crate::search::CatalogIndex;
 use crate::service::now_unix_ms;
-use crate::store::sled::SledDatabase;
-use crate::store::Stores;
+use crate::store::{Database, Stores};
 
 /// Rows the console lists at most (catalog entries, grants): it is a view, not an export.
 const LIST_LIMIT: usize = 500;
@@ -34,9 +33,10 @@ pub struct DirectoryAdmin {
     pub data_dir: PathBuf,
     pub stores: Stores,
     pub index: Arc<CatalogIndex>,
-    pub database: SledDatabase,
+    pub database: Database,
     pub metrics: Arc<Metrics>,
-    pub backup: Arc<DirectoryBackupSource>,
+    /// None with the PostgreSQL backend: the database is backed up with its own tools.
+    pub backup: Option<Arc<DirectoryBackupSource>>,
     /// Re-reads the certificate and key files (what SIGHUP does).
     pub reload: Arc<dyn Fn() -> Result<ReloadReport, String> + Send + Sync>,
 }
@@ -60,18 +60,19 @@ impl AdminSource for DirectoryAdmin {
         let id = self.tls.current();
         vec![
             certificate_check(id.not_after_unix, self.admin.cert_expiry_warning_days),
-            tokio::task::block_in_place(|| sled_store_check(self.database.db(), &self.data_dir)),
+            self.database.check(&self.data_dir).await,
         ]
     }
 
     async fn gauges(&self, g: &mut GaugeText) {
         let id = self.tls.current();
         let (online, offline) = self.node_counts().await;
+        let store_bytes = self.database.size_bytes().await;
         g.gauge("gx_build_info", "Always 1; the labels say what runs", &[("server", "directory"), ("version", SOFTWARE_VERSION), ("department", &id.department)], 1.0)
             .gauge("gx_directory_nodes", "Registered nodes by lease status", &[("status", "online")], online as f64)
             .gauge("gx_directory_nodes", "Registered nodes by lease status", &[("status", "offline")], offline as f64)
             .gauge("gx_catalog_entries", "Live catalog entries in the search index", &[], self.index.len() as f64)
-            .gauge("gx_store_size_bytes", "Size of the directory's sled store on disk", &[], self.database.db().size_on_disk().unwrap_or(0) as f64)
+            .gauge("gx_store_size_bytes", "Size of the directory's store (sled on disk, or the PostgreSQL database)", &[], store_bytes as f64)
             .gauge("gx_certificate_expiry_days", "Days until the server certificate expires", &[], days_left(id.not_after_unix) as f64);
     }
 
@@ -84,7 +85,7 @@ impl AdminSource for DirectoryAdmin {
             identity: IdentityInfo::from(&id),
             grpc_address: self.grpc_address.clone(),
             certificate: CertificateInfo::of(&id, self.admin.cert_expiry_warning_days),
-            store_bytes: self.database.db().size_on_disk().unwrap_or(0),
+            store_bytes: self.database.size_bytes().await,
             nodes_online: online,
             nodes_offline: offline,
             catalog_entries: self.index.len(),
@@ -141,6 +142,11 @@ impl AdminSource for DirectoryAdmin {
     }
 
     async fn backup(&self) -> Result<PathBuf, String> {
-        crate::backup::backup_to_temp_file(self.backup.clone()).await.map(|(path, _)| path).map_err(|e| e.to_string())
+        let Some(source) = self.backup.clone() else {
+            return Err("this directory's store is PostgreSQL, shared by its replicas: back it up with pg_dump or \
+                        the database's own backup (docs/OPERATOR-GUIDE.md)"
+                .into());
+        };
+        crate::backup::backup_to_temp_file(source).await.map(|(path, _)| path).map_err(|e| e.to_string())
     }
 }

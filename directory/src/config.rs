@@ -12,7 +12,16 @@
 //! ca = "pki/ca.crt"
 //! cert = "pki/directory.crt"
 //! key = "pki/directory.key"
+//!
+//! [store]                            # optional; the default is sled in data_dir
+//! backend = "postgres"               # several replicas over one database (docs/OPERATOR-GUIDE.md)
+//! [store.postgres]
+//! url = "postgresql://gx_directory@db.example:5432/gx_directory"
+//! password_file = "secrets/db-password"
 //! ```
+//!
+//! With `backend = "postgres"` the directory keeps nothing on local disk (its search index is in memory,
+//! rebuilt from the database at start), so `data_dir` may be left out.
 //!
 //! Relative paths in a file read with [`Config::from_file`] are resolved against the file's own folder, so a
 //! config works the same from any working directory (and under a service manager). Unknown keys are
@@ -48,7 +57,8 @@ pub use client_sdk::process::LogFormat;
 pub struct Config {
     /// `host:port` to listen on (used by the binary; [`crate::server::run`] takes a bound listener).
     pub listen: String,
-    /// Folder of the sled database; created if missing.
+    /// Folder of the sled database; created if missing. Not used with the PostgreSQL backend.
+    #[serde(default)]
     pub data_dir: PathBuf,
     /// The directory's CA, certificate and key.
     pub tls: TlsPaths,
@@ -66,6 +76,9 @@ pub struct Config {
     pub max_connection_age_seconds: u64,
     #[serde(default)]
     pub log_format: LogFormat,
+    /// Where the directory's state lives (`[store]`): sled in `data_dir` unless it says otherwise.
+    #[serde(default)]
+    pub store: StoreConfig,
     /// The admin port (`[admin]`): metrics, health, console, operator API. None: no admin port.
     #[serde(default)]
     pub admin: Option<client_sdk::admin::AdminConfig>,
@@ -75,6 +88,27 @@ pub struct Config {
     /// The file this configuration was read from (SIGHUP re-reads the `[tls]` paths from it); not a TOML key.
     #[serde(skip)]
     pub source: Option<PathBuf>,
+}
+
+/// `[store]`: which backend holds the catalog, nodes, grants and revocations.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    #[serde(default)]
+    pub backend: StoreBackend,
+    /// Required when `backend = "postgres"`.
+    #[serde(default)]
+    pub postgres: Option<crate::store::postgres::PostgresConfig>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreBackend {
+    /// sled in `data_dir`: one directory process.
+    #[default]
+    Sled,
+    /// A PostgreSQL database shared by any number of directory replicas.
+    Postgres,
 }
 
 fn default_lease_ttl() -> u32 {
@@ -98,6 +132,7 @@ impl Config {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_connection_age_seconds: DEFAULT_MAX_CONNECTION_AGE_SECONDS,
             log_format: LogFormat::Text,
+            store: StoreConfig::default(),
             admin: None,
             telemetry: Default::default(),
             source: None,
@@ -120,6 +155,9 @@ impl Config {
         }
         if let Some(admin) = config.admin.as_mut() {
             admin.resolve_paths(base);
+        }
+        if let Some(pg) = config.store.postgres.as_mut() {
+            pg.resolve_paths(base);
         }
         config.source = Some(path.to_path_buf());
         Ok(config)
@@ -149,6 +187,23 @@ impl Config {
                 "max_connection_age_seconds must be 1-604800 (a week), got {}",
                 self.max_connection_age_seconds
             )));
+        }
+        match (self.store.backend, &self.store.postgres) {
+            (StoreBackend::Sled, Some(_)) => {
+                return Err(ConfigError::Invalid(
+                    "[store.postgres] is set but store.backend is \"sled\": set backend = \"postgres\" to use it".into(),
+                ))
+            }
+            (StoreBackend::Sled, None) if self.data_dir.as_os_str().is_empty() => {
+                return Err(ConfigError::Invalid("data_dir is required with the sled store (the default)".into()))
+            }
+            (StoreBackend::Postgres, None) => {
+                return Err(ConfigError::Invalid("store.backend = \"postgres\" needs a [store.postgres] table with url".into()))
+            }
+            (StoreBackend::Postgres, Some(pg)) => {
+                pg.validate().map_err(|e| ConfigError::Invalid(format!("store.postgres: {e}")))?
+            }
+            (StoreBackend::Sled, None) => {}
         }
         if self.listen.trim().is_empty() {
             return Err(ConfigError::Invalid("listen must be host:port".into()));

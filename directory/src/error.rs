@@ -15,6 +15,7 @@
 //! | `Store`, `Internal`, `Search(Index)` | `INTERNAL` | message logged, generic text sent |
 //! | `Search(InvalidArgument)` | `INVALID_ARGUMENT` | one field violation |
 //! | `ShuttingDown` | `UNAVAILABLE` | |
+//! | `Store(Conflict)` | `ABORTED` | other replicas' writes kept winning; try again |
 
 use tonic::Status;
 
@@ -76,6 +77,9 @@ impl From<DirectoryError> for Status {
                 bad_request(vec![Violation::new(field, reason)])
             }
             DirectoryError::ShuttingDown => Status::unavailable("the directory is shutting down; retry"),
+            DirectoryError::Store(StoreError::Conflict(why)) => Status::aborted(format!(
+                "{why}: other directory replicas' writes kept conflicting with this one; try again"
+            )),
             e @ (DirectoryError::Store(_)
             | DirectoryError::Search(SearchError::Index(_))
             | DirectoryError::Internal(_)) => {

@@ -8,12 +8,15 @@
 //! - [`config`]: the TOML configuration ([`config::Config`]).
 //! - [`server`]: start-up (open stores, rebuild the index, load revocations) and serving with health,
 //!   reflection, graceful shutdown ([`server::run`], [`server::LoadedDirectory`]).
+//! - [`follow`]: the change follower: applies the store's change logs to this replica's search index and
+//!   revoked-serial set and wakes its watchers, whoever wrote (several replicas may share one store).
 //! - [`service`]: the Directory RPCs: roles, ownership, the write path (store → index → watchers).
 //! - [`validate`]: request validation (catalog field rules, addresses, search filters), one field violation
 //!   per bad field.
 //! - [`error`]: [`error::DirectoryError`] and its mapping to gRPC status codes, the only such mapping.
 //! - [`store`]: storage traits ([`store::CatalogStore`], [`store::NodeStore`], [`store::RevocationStore`],
-//!   [`store::GrantStore`]) and the sled backend ([`store::sled`]).
+//!   [`store::GrantStore`]), the sled backend ([`store::sled`], the default) and the PostgreSQL backend
+//!   ([`store::postgres`], for several replicas).
 //! - [`watch`]: one change feed over a store's change log, serving `WatchCatalog`, `WatchGrants` and
 //!   `WatchRevocations`.
 //! - [`revocation`]: who may revoke which certificate.
@@ -29,6 +32,7 @@ pub mod admin;
 pub mod backup;
 pub mod config;
 pub mod error;
+pub mod follow;
 pub mod revocation;
 pub mod search;
 pub mod reload;

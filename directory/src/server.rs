@@ -44,12 +44,13 @@ use client_sdk::admin::AdminConfig;
 use crate::admin::DirectoryAdmin;
 use crate::backup::DirectoryBackupSource;
 use crate::config::{Config, ConfigError};
-use crate::store::sled::SledDatabase;
 use crate::reload::Reloadable;
 use crate::revocation::{AuthorityError, RevocationAuthority};
 use crate::search::{CatalogIndex, SearchError};
-use crate::service::{DirectoryService, ServiceSettings, StartVersions};
-use crate::store::{StoreError, Stores};
+use crate::config::StoreBackend;
+use crate::follow::{ChangeFollower, StartVersions};
+use crate::service::{DirectoryService, ServiceSettings};
+use crate::store::{Database, StoreError, Stores};
 
 /// The gRPC name of the Directory service (as health checks and reflection know it).
 pub const DIRECTORY_SERVICE_NAME: &str = <DirectoryServer<DirectoryService> as tonic::server::NamedService>::NAME;
@@ -86,7 +87,7 @@ pub struct LoadedDirectory {
     identity: TlsIdentity,
     stores: Stores,
     /// The database under `stores`, for the admin port (backup, size, the store check).
-    database: SledDatabase,
+    database: Database,
     index: Arc<CatalogIndex>,
     revoked: RevocationSet,
     authority: RevocationAuthority,
@@ -110,8 +111,8 @@ impl std::fmt::Debug for LoadedDirectory {
 
 impl LoadedDirectory {
     /// Checks the config and the directory's own certificate (it must have role `directory`), opens the
-    /// sled database in `data_dir` (catalog, nodes, revocations, grants), rebuilds the search index from
-    /// every live entry and loads revocations.
+    /// configured store (sled in `data_dir`, or PostgreSQL: migrated to this version's schema first),
+    /// rebuilds the search index from every live entry and loads revocations.
     pub async fn load(config: Config) -> Result<Self, ServerError> {
         tls::install_crypto_provider();
         config.validate()?;
@@ -124,17 +125,28 @@ impl LoadedDirectory {
         // The two cores work in parallel: the empty index is created (jieba loads its dictionary) while
         // sled opens and the live entries are read.
         let new_index = tokio::task::spawn_blocking(CatalogIndex::new);
-        let data_dir = config.data_dir.clone();
-        let (stores, database) = tokio::task::spawn_blocking(move || crate::store::sled::open_with_database(&data_dir)).await??;
+        let (stores, database) = match (config.store.backend, &config.store.postgres) {
+            (StoreBackend::Postgres, Some(pg)) => {
+                let (stores, db) = crate::store::postgres::open(pg).await?;
+                (stores, Database::Postgres(db))
+            }
+            _ => {
+                let data_dir = config.data_dir.clone();
+                let (stores, db) =
+                    tokio::task::spawn_blocking(move || crate::store::sled::open_with_database(&data_dir)).await??;
+                (stores, Database::Sled(db))
+            }
+        };
         let open_time = started.elapsed();
 
+        // Versions first, then the state: other replicas may write meanwhile, and the change follower
+        // replays everything after these versions (applying a change twice leaves the same state).
+        let revocation_version = stores.revocations.current_version().await?;
+        let grant_version = stores.grants.current_version().await?;
+        let catalog_version = stores.catalog.current_version().await?;
         let revoked = RevocationSet::default();
         let revocations = stores.revocations.list().await?;
         revoked.replace_all(revocations.into_iter().map(|r| r.serial_hex));
-        let revocation_version = stores.revocations.current_version().await?;
-        let grant_version = stores.grants.current_version().await?;
-
-        let catalog_version = stores.catalog.current_version().await?;
         let mut live = Vec::new();
         let mut after: Option<String> = None;
         loop {
@@ -211,6 +223,15 @@ impl LoadedDirectory {
         self.startup_time
     }
 
+    /// How often the change follower looks for other replicas' writes. A sled store has no other writer,
+    /// so the follower then only runs when this replica writes (the slow tick is a safety net).
+    fn change_poll_interval(&self) -> Duration {
+        match (&self.config.store.backend, &self.config.store.postgres) {
+            (StoreBackend::Postgres, Some(pg)) => Duration::from_millis(pg.poll_interval_ms),
+            _ => Duration::from_secs(1),
+        }
+    }
+
     /// What SIGHUP and the admin port's `POST /api/reload` call: its `tls` is the directory's TLS identity,
     /// whose certificate every listener reads at each handshake.
     pub fn reloadable(&self) -> Reloadable {
@@ -258,6 +279,17 @@ impl LoadedDirectory {
         // Ends when shutdown begins (or the server fails and drops the sender).
         tokio::spawn(crate::reload::reload_task(self.reloadable(), stop_rx.clone()));
         let reloadable = self.reloadable();
+        let follower = ChangeFollower::start(
+            self.stores.clone(),
+            self.index.clone(),
+            self.revoked.clone(),
+            StartVersions {
+                catalog: self.catalog_version,
+                grants: self.grant_version,
+                revocations: self.revocation_version,
+            },
+            self.change_poll_interval(),
+        );
         let service = DirectoryService::new(
             self.stores.clone(),
             self.index.clone(),
@@ -267,11 +299,7 @@ impl LoadedDirectory {
                 lease_ttl_seconds: self.config.lease_ttl_seconds,
                 heartbeat_interval_seconds: self.config.heartbeat_interval_seconds(),
             },
-            StartVersions {
-                catalog: self.catalog_version,
-                grants: self.grant_version,
-                revocations: self.revocation_version,
-            },
+            follower,
             stop_rx.clone(),
         );
         let directory = DirectoryServer::new(service)
@@ -292,11 +320,14 @@ impl LoadedDirectory {
                     index: self.index.clone(),
                     database: self.database.clone(),
                     metrics: metrics.clone(),
-                    backup: Arc::new(DirectoryBackupSource {
-                        database: self.database.clone(),
-                        data_dir: self.config.data_dir.clone(),
-                        identity: self.identity.identity.clone(),
-                    }),
+                    backup: match &self.database {
+                        Database::Sled(database) => Some(Arc::new(DirectoryBackupSource {
+                            database: database.clone(),
+                            data_dir: self.config.data_dir.clone(),
+                            identity: self.identity.identity.clone(),
+                        })),
+                        Database::Postgres(_) => None,
+                    },
                     reload: Arc::new(move || reloadable.reload_all()),
                 });
                 let state = AdminState {

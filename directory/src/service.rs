@@ -15,7 +15,13 @@
 //! write happen in one order for everyone; store (durable) → notify grant watchers. Rules: docs/GRANTS.md.
 //!
 //! The three change feeds (catalog, grants, revocations) are [`crate::watch::feed`]s over the stores' change
-//! logs, each woken by its own [`LatestVersion`].
+//! logs, each woken by the version the [`ChangeFollower`] applied on this replica.
+//!
+//! Several replicas may share one store, so the in-process write locks order only this replica's writers;
+//! what must hold across replicas at the moment of writing (a code stays its publisher's, one pending grant
+//! request per consumer and resource, a grant decided as it was read) the store checks
+//! ([`StoreError::Conflict`]), and the service then reads again and re-checks ([`retry_conflicts`]). The
+//! search index and the revoked-serial set are updated by the follower from the change logs, whoever wrote.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -34,7 +40,9 @@ use crate::revocation::RevocationAuthority;
 use crate::search::CatalogIndex;
 use crate::store::{parse_grant_id, NodeRecord, Stores};
 use crate::validate;
-use crate::watch::{feed, ChangeStream, Feed, LatestVersion};
+use crate::follow::{ChangeFollower, Log};
+use crate::store::StoreError;
+use crate::watch::{feed, ChangeStream, Feed};
 
 type Result<T, E = DirectoryError> = std::result::Result<T, E>;
 
@@ -50,14 +58,6 @@ pub struct ServiceSettings {
     pub heartbeat_interval_seconds: u32,
 }
 
-/// The version of each change log when the service starts (the stores' `current_version`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct StartVersions {
-    pub catalog: u64,
-    pub grants: u64,
-    pub revocations: u64,
-}
-
 /// Everything a handler needs; shared by the service and the write tasks it spawns.
 struct Core {
     stores: Stores,
@@ -69,10 +69,8 @@ struct Core {
     write_lock: Mutex<()>,
     /// Serialises grant writes (request, decide, revoke).
     grant_lock: Mutex<()>,
-    /// The latest durable version of each change log; watchers sleep on them.
-    catalog_versions: LatestVersion,
-    grant_versions: LatestVersion,
-    revocation_versions: LatestVersion,
+    /// Applies every change log to this replica (index, revoked set) and wakes the watchers.
+    follower: Arc<ChangeFollower>,
     /// Turns true when the server starts shutting down; ends watch streams.
     shutdown: watch::Receiver<bool>,
     /// Index calls running at once: one per core. Searches are CPU-bound; letting every in-flight call
@@ -87,14 +85,15 @@ pub struct DirectoryService {
 }
 
 impl DirectoryService {
-    /// `versions`: the stores' versions at start (watchers are woken from there on).
+    /// `follower` keeps `index` and `revoked` current with the stores.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         stores: Stores,
         index: Arc<CatalogIndex>,
         revoked: RevocationSet,
         authority: RevocationAuthority,
         settings: ServiceSettings,
-        versions: StartVersions,
+        follower: Arc<ChangeFollower>,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
         DirectoryService {
@@ -106,9 +105,7 @@ impl DirectoryService {
                 settings,
                 write_lock: Mutex::new(()),
                 grant_lock: Mutex::new(()),
-                catalog_versions: LatestVersion::new(versions.catalog),
-                grant_versions: LatestVersion::new(versions.grants),
-                revocation_versions: LatestVersion::new(versions.revocations),
+                follower,
                 shutdown,
                 index_slots: Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get())),
             }),
@@ -130,6 +127,29 @@ fn invalid_if_any(violations: Vec<Violation>) -> Result<()> {
     } else {
         Err(DirectoryError::InvalidArgument { violations })
     }
+}
+
+/// Attempts at a write that conflicted with another replica's before the caller gets `ABORTED`.
+const CONFLICT_ATTEMPTS: usize = 5;
+
+/// Runs a check-and-write again when the store found that another replica wrote in between
+/// ([`StoreError::Conflict`]): the next attempt reads what that writer left, so it either succeeds or
+/// fails with the proper domain error (the code is another department's, a request is pending already).
+async fn retry_conflicts<T, F, Fut>(mut attempt: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    for _ in 1..CONFLICT_ATTEMPTS {
+        match attempt().await {
+            Err(DirectoryError::Store(StoreError::Conflict(why))) => {
+                tracing::debug!(%why, "a write conflicted with another replica's; checking again");
+                tokio::task::yield_now().await;
+            }
+            other => return other,
+        }
+    }
+    attempt().await
 }
 
 fn task_failed(e: tokio::task::JoinError) -> DirectoryError {
@@ -256,11 +276,11 @@ impl Core {
     }
 
     /// Ownership check, durable write, index, notify. Runs in its own task (see the module docs).
-    async fn commit_publish(
-        self: Arc<Self>,
-        id: PeerIdentity,
-        entries: Vec<CatalogEntry>,
-    ) -> Result<PublishEntriesResponse> {
+    async fn commit_publish(self: Arc<Self>, id: PeerIdentity, entries: Vec<CatalogEntry>) -> Result<PublishEntriesResponse> {
+        retry_conflicts(|| self.try_publish(&id, &entries)).await
+    }
+
+    async fn try_publish(&self, id: &PeerIdentity, entries: &[CatalogEntry]) -> Result<PublishEntriesResponse> {
         let _write = self.write_lock.lock().await;
         let codes: Vec<String> = entries.iter().map(|e| e.resource_code.clone()).collect();
         let existing = self.stores.catalog.get_many(&codes).await?;
@@ -273,18 +293,20 @@ impl Core {
             }
         }
         let count = entries.len();
-        let stored = self.stores.catalog.upsert(entries).await?;
+        let stored = self.stores.catalog.upsert(entries.to_vec()).await?;
         let entry_versions: Vec<u64> = stored.iter().map(|e| e.version).collect();
         let catalog_version = entry_versions.last().copied().unwrap_or_default();
-        let indexed = self.with_index(move |index| index.upsert(&stored)).await;
-        // Announce even if indexing failed: the change is durable and watchers must not miss it.
-        self.catalog_versions.advance(catalog_version);
-        indexed?;
+        // Searchable here (and announced to this replica's watchers) before the caller hears back.
+        self.follower.wait_applied(Log::Catalog, catalog_version).await;
         tracing::info!(caller = %id, entries = count, catalog_version, "published catalog entries");
         Ok(PublishEntriesResponse { catalog_version, entry_versions })
     }
 
     async fn commit_withdraw(self: Arc<Self>, id: PeerIdentity, codes: Vec<String>) -> Result<WithdrawEntriesResponse> {
+        retry_conflicts(|| self.try_withdraw(&id, &codes)).await
+    }
+
+    async fn try_withdraw(&self, id: &PeerIdentity, codes: &[String]) -> Result<WithdrawEntriesResponse> {
         let _write = self.write_lock.lock().await;
         let existing = self.stores.catalog.get_many(&codes).await?;
         let mut live = Vec::with_capacity(codes.len());
@@ -307,11 +329,9 @@ impl Core {
             return Ok(WithdrawEntriesResponse { catalog_version: self.stores.catalog.current_version().await? });
         }
         let count = live.len();
-        let tombstones = self.stores.catalog.withdraw(live.clone()).await?;
+        let tombstones = self.stores.catalog.withdraw(live).await?;
         let catalog_version = tombstones.last().map(|e| e.version).unwrap_or_default();
-        let unindexed = self.with_index(move |index| index.remove(&live)).await;
-        self.catalog_versions.advance(catalog_version);
-        unindexed?;
+        self.follower.wait_applied(Log::Catalog, catalog_version).await;
         tracing::info!(caller = %id, entries = count, catalog_version, "withdrew catalog entries");
         Ok(WithdrawEntriesResponse { catalog_version })
     }
@@ -393,7 +413,7 @@ impl Core {
                 async move { store.changes_since(after, limit).await }
             },
             |_| true,
-            self.catalog_versions.subscribe(),
+            self.follower.latest(Log::Catalog).subscribe(),
             self.shutdown.clone(),
             req.from_version,
         ))
@@ -417,8 +437,9 @@ impl Core {
             version: 0, // assigned by the store
         };
         let stored = self.stores.revocations.revoke(revocation).await?;
+        // At once on this replica; the follower brings it to the others.
         self.revoked.insert(stored.serial_hex.clone());
-        self.revocation_versions.advance(stored.version);
+        self.follower.wait_applied(Log::Revocations, stored.version).await;
         tracing::warn!(
             serial = %stored.serial_hex,
             department = %stored.department,
@@ -438,7 +459,7 @@ impl Core {
                 async move { store.changes_since(after, limit).await }
             },
             |_| true,
-            self.revocation_versions.subscribe(),
+            self.follower.latest(Log::Revocations).subscribe(),
             self.shutdown.clone(),
             req.from_version,
         ))
@@ -454,6 +475,10 @@ impl Core {
     /// Checks a grant request against the catalog and the pending requests, then stores it. Runs in its own
     /// task under the grant write lock.
     async fn commit_request_grant(self: Arc<Self>, id: PeerIdentity, req: RequestGrantRequest) -> Result<Grant> {
+        retry_conflicts(|| self.try_request_grant(&id, req.clone())).await
+    }
+
+    async fn try_request_grant(&self, id: &PeerIdentity, req: RequestGrantRequest) -> Result<Grant> {
         let _write = self.grant_lock.lock().await;
         let code = req.resource_code.as_str();
         let entry = self
@@ -530,7 +555,7 @@ impl Core {
             ..Default::default()
         };
         let stored = self.stores.grants.insert(grant).await?;
-        self.grant_versions.advance(stored.version);
+        self.follower.wait_applied(Log::Grants, stored.version).await;
         tracing::info!(
             caller = %id,
             grant = %stored.grant_id,
@@ -563,6 +588,10 @@ impl Core {
     /// Approves or rejects a pending grant; an approval supersedes the consumer's earlier approved grants
     /// for the resource in the same store write. Runs in its own task under the grant write lock.
     async fn commit_decide_grant(self: Arc<Self>, id: PeerIdentity, req: DecideGrantRequest) -> Result<Grant> {
+        retry_conflicts(|| self.try_decide_grant(&id, req.clone())).await
+    }
+
+    async fn try_decide_grant(&self, id: &PeerIdentity, req: DecideGrantRequest) -> Result<Grant> {
         let _write = self.grant_lock.lock().await;
         let mut grant = self.provider_grant(&id, &req.grant_id, "decide").await?;
         let now = now_unix_ms();
@@ -610,7 +639,7 @@ impl Core {
         let superseded: Vec<String> = writes[..writes.len() - 1].iter().map(|g| g.grant_id.clone()).collect();
         let stored = self.stores.grants.update(writes).await?;
         let decided = stored.last().cloned().ok_or_else(|| DirectoryError::Internal("empty grant update".into()))?;
-        self.grant_versions.advance(decided.version);
+        self.follower.wait_applied(Log::Grants, decided.version).await;
         tracing::info!(
             caller = %id,
             grant = %decided.grant_id,
@@ -624,6 +653,10 @@ impl Core {
 
     /// Ends an approved grant. Runs in its own task under the grant write lock.
     async fn commit_revoke_grant(self: Arc<Self>, id: PeerIdentity, req: RevokeGrantRequest) -> Result<Grant> {
+        retry_conflicts(|| self.try_revoke_grant(&id, req.clone())).await
+    }
+
+    async fn try_revoke_grant(&self, id: &PeerIdentity, req: RevokeGrantRequest) -> Result<Grant> {
         let _write = self.grant_lock.lock().await;
         let mut grant = self.provider_grant(&id, &req.grant_id, "revoke").await?;
         let now = now_unix_ms();
@@ -640,7 +673,7 @@ impl Core {
         grant.decision_reason = req.reason;
         let stored = self.stores.grants.update(vec![grant]).await?;
         let revoked = stored.into_iter().next().ok_or_else(|| DirectoryError::Internal("empty grant update".into()))?;
-        self.grant_versions.advance(revoked.version);
+        self.follower.wait_applied(Log::Grants, revoked.version).await;
         tracing::info!(caller = %id, grant = %revoked.grant_id, version = revoked.version, "grant revoked");
         Ok(revoked)
     }
@@ -702,7 +735,7 @@ impl Core {
                 (Some(d), Some(g)) => &g.provider_code == d || &g.consumer_code == d,
                 (Some(_), None) => false,
             },
-            self.grant_versions.subscribe(),
+            self.follower.latest(Log::Grants).subscribe(),
             self.shutdown.clone(),
             req.from_version,
         ))

@@ -21,7 +21,7 @@ use exchange_proto::v1::*;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tonic::transport::Channel;
+use client_sdk::client::DirectoryChannel;
 
 use common::*;
 
@@ -48,7 +48,7 @@ impl AdminDirectory {
         AdminDirectory { addr, admin_addr: admin.to_string(), stop: Some(stop), handle }
     }
 
-    fn client(&self, pki: &Pki, department: &str, role: Role) -> DirectoryClient<Channel> {
+    fn client(&self, pki: &Pki, department: &str, role: Role) -> DirectoryClient<DirectoryChannel> {
         let id = pki.identity(department, role, &format!("{department}-{role}"));
         client_sdk::client::directory_client(&self.addr, &id).unwrap()
     }

@@ -131,7 +131,7 @@ async fn oversized_message_is_refused_before_decoding_and_stores_nothing() {
     let f = Fixture::start().await;
     let id = f.pki.identity("tax", Role::Node, "tax-node");
     // A client willing to send more than the directory accepts.
-    let channel = f.dir.channel(&id);
+    let channel = client_sdk::client::DirectoryChannel::new(&f.dir.addr, &id).unwrap();
     let mut big_sender = DirectoryClient::new(channel).max_encoding_message_size(64 << 20);
     let mut huge = entry("tax", 1);
     huge.summary = "x".repeat(exchange_proto::limits::MAX_MESSAGE_BYTES + 1024);

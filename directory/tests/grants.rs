@@ -10,10 +10,10 @@ use client_sdk::identity::Role;
 use common::*;
 use exchange_proto::v1::directory_client::DirectoryClient;
 use exchange_proto::v1::*;
-use tonic::transport::Channel;
+use client_sdk::client::DirectoryChannel;
 use tonic::{Code, Status};
 
-type Client = DirectoryClient<Channel>;
+type Client = DirectoryClient<DirectoryChannel>;
 
 /// The data items of a [`conditional`] entry.
 const ITEMS: [&str; 3] = ["统一社会信用代码", "企业名称", "法定代表人"];

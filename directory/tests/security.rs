@@ -5,6 +5,7 @@ mod common;
 
 use std::time::Duration;
 
+use client_sdk::client::DirectoryChannel;
 use client_sdk::identity::Role;
 use client_sdk::pki::{init_ca, issue, LeafRequest};
 use client_sdk::tls::{TlsIdentity, TlsPaths};
@@ -14,7 +15,7 @@ use exchange_proto::v1::*;
 use tonic::Code;
 
 /// Calls WhoAmI with a deadline, so a refused connection fails fast whatever the failure looks like.
-async fn who_am_i(client: &mut DirectoryClient<tonic::transport::Channel>) -> Result<WhoAmIResponse, tonic::Status> {
+async fn who_am_i(client: &mut DirectoryClient<DirectoryChannel>) -> Result<WhoAmIResponse, tonic::Status> {
     let mut req = tonic::Request::new(WhoAmIRequest {});
     req.set_timeout(Duration::from_secs(5));
     client.who_am_i(req).await.map(|r| r.into_inner())
@@ -31,7 +32,7 @@ async fn plaintext_client_is_refused() {
             .connect()
             .await
             .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-        who_am_i(&mut DirectoryClient::new(channel)).await
+        DirectoryClient::new(channel).who_am_i(WhoAmIRequest {}).await.map(|r| r.into_inner())
     };
     let result = attempt.await;
     assert!(result.is_err(), "a plaintext call must fail: {result:?}");

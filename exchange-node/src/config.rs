@@ -27,7 +27,11 @@ pub struct Config {
     /// `host:port` other nodes and the department's applications reach this node at; registered with the
     /// directory. Must be a name or address in the node certificate (`exchangectl pki issue --host`).
     pub advertise_address: String,
-    /// The directory, `host:port`.
+    /// The directory, `host:port`. A directory run as several replicas is given as all their addresses,
+    /// a TOML array (`["dir-a:7443", "dir-b:7443"]`) or one string separated by commas
+    /// (`"dir-a:7443,dir-b:7443"`): the node uses one replica at a time and fails over to the next when
+    /// it fails (see `client_sdk::client::DirectoryChannel`). Kept as one comma-separated string.
+    #[serde(deserialize_with = "one_or_more_addresses")]
     pub directory_address: String,
     /// The node's own store (sled), created if missing.
     pub data_dir: PathBuf,
@@ -103,7 +107,38 @@ fn default_grace() -> u64 {
     DEFAULT_SHUTDOWN_GRACE_SECONDS
 }
 
+/// `directory_address`: a string, or an array of strings joined with commas (the list form of
+/// [`client_sdk::client::directory_addresses`]).
+fn one_or_more_addresses<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
+    struct Addresses;
+    impl<'de> serde::de::Visitor<'de> for Addresses {
+        type Value = String;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("\"host:port\", \"host:port,host:port\" or an array of \"host:port\" strings")
+        }
+
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<String, A::Error> {
+            let mut addrs = Vec::new();
+            while let Some(addr) = seq.next_element::<String>()? {
+                addrs.push(addr);
+            }
+            Ok(addrs.join(","))
+        }
+    }
+    deserializer.deserialize_any(Addresses)
+}
+
 impl Config {
+    /// The directory's addresses: one, or each replica's (see [`Config::directory_address`]).
+    pub fn directory_addresses(&self) -> Vec<String> {
+        client_sdk::client::directory_addresses(&self.directory_address).unwrap_or_default()
+    }
+
     /// Reads, parses and checks the file, and resolves relative paths against its folder.
     pub fn load(path: &Path) -> Result<Config, NodeError> {
         let text = std::fs::read_to_string(path)
@@ -142,11 +177,20 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), String> {
-        for (field, value) in [("advertise_address", &self.advertise_address), ("directory_address", &self.directory_address)] {
-            match value.rsplit_once(':') {
-                Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0) => {}
-                _ => return Err(format!("{field} = {value:?}: expected host:port")),
-            }
+        let host_port = |value: &str| match value.rsplit_once(':') {
+            Some((host, port)) => !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0),
+            None => false,
+        };
+        if !host_port(&self.advertise_address) {
+            return Err(format!("advertise_address = {:?}: expected host:port", self.advertise_address));
+        }
+        let directory = &self.directory_address;
+        let addrs = client_sdk::client::directory_addresses(directory).map_err(|e| match e {
+            client_sdk::tls::TlsError::Connect { reason, .. } => format!("directory_address = {directory:?}: {reason}"),
+            other => format!("directory_address = {directory:?}: {other}"),
+        })?;
+        if let Some(bad) = addrs.iter().find(|a| !host_port(a)) {
+            return Err(format!("directory_address = {directory:?}: {bad:?} is not host:port"));
         }
         if let Some(admin) = &self.admin {
             admin.validate()?;
@@ -205,6 +249,31 @@ key = "/etc/keys/tax-node.key"
         let bad = MINIMAL.replace("tax-node.example:7401", "tax-node.example");
         let err = Config::from_toml(&bad, Path::new(".")).unwrap_err();
         assert!(err.contains("advertise_address"), "{err}");
+    }
+
+    #[test]
+    fn the_directory_may_be_several_replicas() {
+        let one = Config::from_toml(MINIMAL, Path::new(".")).unwrap();
+        assert_eq!(one.directory_addresses(), ["127.0.0.1:7400"]);
+        let comma = MINIMAL.replace("\"127.0.0.1:7400\"", "\"dir-a:7443, dir-b:7443\"");
+        let c = Config::from_toml(&comma, Path::new(".")).unwrap();
+        assert_eq!(c.directory_addresses(), ["dir-a:7443", "dir-b:7443"]);
+        let array = MINIMAL.replace("\"127.0.0.1:7400\"", "[\"dir-a:7443\", \"dir-b:7443\"]");
+        let c = Config::from_toml(&array, Path::new(".")).unwrap();
+        assert_eq!(c.directory_address, "dir-a:7443,dir-b:7443");
+        assert_eq!(c.directory_addresses(), ["dir-a:7443", "dir-b:7443"]);
+
+        let refused = |value: &str| Config::from_toml(&MINIMAL.replace("\"127.0.0.1:7400\"", value), Path::new(".")).unwrap_err();
+        let err = refused("[]");
+        assert!(err.contains("directory_address") && err.contains("no directory address given"), "{err}");
+        let err = refused("[\"dir-a:7443\", \"\"]");
+        assert!(err.contains("directory_address") && err.contains("2 of 2 is empty"), "{err}");
+        let err = refused("\"dir-a:7443,dir-b\"");
+        assert!(err.contains("directory_address") && err.contains("dir-b"), "{err}");
+        let err = refused("\"dir-a:7443,dir-b:0\"");
+        assert!(err.contains("\"dir-b:0\" is not host:port"), "{err}");
+        let err = refused("7400");
+        assert!(err.contains("directory_address") && err.contains("array of"), "{err}");
     }
 
     #[test]

@@ -142,6 +142,7 @@ impl DirectorySync {
                 Ok(resp) => {
                     self.policy.set_connected(feed, true);
                     tracing::debug!(?feed, from_version = from, "following the directory");
+                    let opened_at = std::time::Instant::now();
                     let mut stream = resp.into_inner();
                     let outcome = loop {
                         let next = tokio::select! {
@@ -165,6 +166,12 @@ impl DirectorySync {
                         }
                     };
                     self.policy.set_connected(feed, false);
+                    // A stream that stayed up a while broke because its replica went away, not because the
+                    // directory keeps failing: reopen after the shortest delay (the call lands on the next
+                    // replica), not one grown by failures long past; the copy ages until the stream is back.
+                    if opened_at.elapsed() >= self.timing.backoff_max {
+                        backoff.reset();
+                    }
                     outcome
                 }
                 Err(status) if status.code() == tonic::Code::OutOfRange && from > 0 => {

@@ -91,7 +91,7 @@ impl Federation {
         self.nodes[dept].client(&self.pki.identity(dept, Role::App))
     }
 
-    fn directory_as(&self, dept: &str, role: Role) -> DirectoryClient<Channel> {
+    fn directory_as(&self, dept: &str, role: Role) -> DirectoryClient<client_sdk::client::DirectoryChannel> {
         client_sdk::client::directory_client(&self.directory_addr, &self.pki.identity(dept, role)).unwrap()
     }
 }

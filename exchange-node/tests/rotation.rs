@@ -29,7 +29,6 @@ use rustls::pki_types::ServerName;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tonic::transport::Channel;
 
 use common::*;
 
@@ -171,7 +170,7 @@ impl QueryLoad {
     }
 }
 
-async fn node_info(directory: &DirectoryClient<Channel>, dept: &str) -> Option<NodeInfo> {
+async fn node_info(directory: &DirectoryClient<client_sdk::client::DirectoryChannel>, dept: &str) -> Option<NodeInfo> {
     node_online(&mut directory.clone(), dept).await
 }
 

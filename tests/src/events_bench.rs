@@ -776,7 +776,9 @@ async fn in_process_federation(
 /// Waits until commerce's catalog is searchable and both nodes are online.
 pub async fn wait_ready(pki: &TestPki, directory_addr: &str) -> anyhow::Result<()> {
     let reader = pki.identity("central", Role::Operator, "bench-reader");
-    let central = client_sdk::client::directory_client(directory_addr, &reader)?;
+    // A plain channel, the type federation's helpers take; one address, nothing to fail over to.
+    let config = client_sdk::tls::client_config(&reader, &[Role::Directory])?;
+    let central = client_sdk::client::directory_client_on(client_sdk::tls::connect_lazy(directory_addr, config)?);
     federation::wait_for("commerce's catalog in the directory", Duration::from_secs(60), || {
         let mut c = central.clone();
         async move { (federation::provider_entries(&mut c, "commerce").await > 0).then_some(()) }

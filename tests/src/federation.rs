@@ -63,6 +63,49 @@ pub async fn start_directory(pki: &TestPki, data: &Path) -> anyhow::Result<Runni
     Ok(Running { addr, admin_addr, stop: Some(stop), task })
 }
 
+/// One directory replica on the PostgreSQL database at `url` (start several on one `url` for a highly
+/// available directory), as `central/directory`, looking for other replicas' writes every `poll_ms`.
+pub async fn start_directory_replica(
+    pki: &TestPki,
+    url: &str,
+    poll_ms: u64,
+) -> anyhow::Result<Running<directory::ServerError>> {
+    let tls = pki.issue("central", Role::Directory, "directory");
+    let toml_path = |p: &Path| toml_string(&p.to_string_lossy());
+    let text = format!(
+        "listen = \"127.0.0.1:0\"\n[tls]\nca = {}\ncert = {}\nkey = {}\n[store]\nbackend = \"postgres\"\n\
+         [store.postgres]\nurl = {}\npool_size = 8\npoll_interval_ms = {poll_ms}\n",
+        toml_path(&tls.ca),
+        toml_path(&tls.cert),
+        toml_path(&tls.key),
+        toml_string(url),
+    );
+    let config = directory::Config::from_toml_str(&text)?;
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?.to_string();
+    let admin = TcpListener::bind("127.0.0.1:0").await?;
+    let admin_addr = admin.local_addr()?.to_string();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(directory::server::run_with_admin(listener, Some(admin), config, async {
+        let _ = stopped.await;
+    }));
+    Ok(Running { addr, admin_addr, stop: Some(stop), task })
+}
+
+/// `text` as a TOML basic string.
+fn toml_string(text: &str) -> String {
+    let mut out = String::from("\"");
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
 /// Department `dept`'s node (`exchange_node::server::run`, default timing) as `<dept>-node`, publishing
 /// `catalog` if given. Everything not dictated by the test set-up (addresses, folders, certificates) is
 /// the configuration file's default: relay timeouts, resolve cache, audit sealing every 10 s, no quotas.

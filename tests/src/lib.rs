@@ -10,6 +10,8 @@
 //! - [`forwarder`]: the bare two-hop mutual-TLS forwarder the record relay is compared with.
 //! - [`federation`]: the real directory and department nodes served in process, and generated
 //!   enterprise records to load into them.
+//! - [`postgres`]: the PostgreSQL server the directory's PostgreSQL tests run on, a fresh database each.
+//! - [`store_contract`]: the directory storage traits' behaviour tests, run for every backend.
 //! - [`ops_bench`]: `bench --only ops`: what backups, metrics and scrapes cost a running node.
 //! - [`relay_parts`]: the node's per-call relay steps timed one by one (where a relayed query's time goes).
 
@@ -20,6 +22,8 @@ pub mod forwarder;
 pub mod load;
 pub mod ops_bench;
 pub mod pki;
+pub mod postgres;
 pub mod procs;
 pub mod relay_parts;
+pub mod store_contract;
 pub mod workload;

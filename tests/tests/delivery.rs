@@ -171,7 +171,7 @@ impl Site {
         client_sdk::client::node_client(&self.node_addr(dept), &self.identity(dept, Role::App)).expect("node client")
     }
 
-    fn central(&self) -> DirectoryClient<Channel> {
+    fn central(&self) -> DirectoryClient<client_sdk::client::DirectoryChannel> {
         client_sdk::client::directory_client(&self.directory_addr(), &self.identity("central", Role::Operator)).expect("directory client")
     }
 
@@ -447,7 +447,9 @@ async fn provider_head(site: &Site) -> Result<u64, tonic::Status> {
 
 /// Whether a failed publish may be retried (the node is down or went down during the call).
 fn transient(s: &tonic::Status) -> bool {
-    matches!(s.code(), Code::Unavailable | Code::Unknown | Code::Cancelled)
+    // A node stopping sends GOAWAY; a call caught by it surfaces as INTERNAL "h2 protocol error", the
+    // transport's failure rather than the server's answer, which the SDK's rule already counts.
+    client_sdk::events::is_transient(s) && s.code() != Code::ResourceExhausted
 }
 
 #[derive(Default)]

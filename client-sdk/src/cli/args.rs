@@ -38,8 +38,9 @@ pub struct GlobalOpts {
     /// Own private key (PEM); overrides --pki-dir/--identity.
     #[arg(long, global = true, env = "EXCHANGE_KEY", value_name = "PATH")]
     pub key: Option<PathBuf>,
-    /// Directory server address.
-    #[arg(long, global = true, env = "EXCHANGE_DIRECTORY", value_name = "HOST:PORT", default_value = "127.0.0.1:7400")]
+    /// Directory server address; for a directory run as several replicas, all of them separated by
+    /// commas (dir-a:7443,dir-b:7443): calls go to one and move to the next when it fails.
+    #[arg(long, global = true, env = "EXCHANGE_DIRECTORY", value_name = "HOST:PORT[,HOST:PORT...]", default_value = "127.0.0.1:7400")]
     pub directory: String,
     /// Your department's node, for records, audit and node-status [default: 127.0.0.1:7401]. When given,
     /// catalog publish and withdraw also go through it instead of straight to the directory.

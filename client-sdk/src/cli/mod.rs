@@ -35,7 +35,7 @@ use args::{CatalogCommand, Command, GlobalOpts};
 use output::Printer;
 
 use crate::catalog::CatalogError;
-use crate::client::{self, BatchPublishError};
+use crate::client::{self, BatchPublishError, DirectoryChannel};
 use crate::error::{ClientError, FieldViolation};
 use crate::pki::PkiError;
 use crate::records::ExchangeClient;
@@ -193,7 +193,7 @@ impl Ctx {
         TlsIdentity::load(&self.tls_paths()?).map_err(|e| CliError::Client(e.into()))
     }
 
-    pub fn directory(&self) -> Result<DirectoryClient<Channel>, CliError> {
+    pub fn directory(&self) -> Result<DirectoryClient<DirectoryChannel>, CliError> {
         client::directory_client(&self.global.directory, &self.identity()?).map_err(|e| CliError::Client(e.into()))
     }
 

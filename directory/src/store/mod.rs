@@ -2,7 +2,8 @@
 //!
 //! The service only ever sees `Arc<dyn CatalogStore>`, `Arc<dyn NodeStore>`, `Arc<dyn RevocationStore>` and
 //! `Arc<dyn GrantStore>`, so a backend is a module implementing these four traits ([`sled`] is the default;
-//! PostgreSQL comes later). The traits are written so that any transactional backend can honour them:
+//! [`postgres`] serves several directory replicas over one database). The traits are written so that any
+//! transactional backend can honour them, with several writers at once (replicas):
 //!
 //! - **The store assigns catalog versions.** A version is a catalog-wide counter: every upsert or withdrawal
 //!   of one entry takes the next number, consecutively, in batch order. The entry, its change-log record and
@@ -17,7 +18,13 @@
 //! - **Revocations and grants have change logs of their own**, with the same rules as the catalog's: the
 //!   store assigns their versions (1, 2, 3, ... without gaps), a record and its log entry are written in one
 //!   atomic, durable step, and `changes_since` never returns a version that is not yet durable.
+//! - **Checks that must hold at the moment of writing are the store's**, because another replica may write
+//!   between the service's read and its write: a resource code stays bound to the department that first
+//!   published it, one consumer has at most one pending grant request per resource, and a grant update
+//!   applies only to the grant as the writer read it. A write that would break one fails with
+//!   [`StoreError::Conflict`] and writes nothing; the service then reads again and re-checks.
 
+pub mod postgres;
 pub mod sled;
 
 use async_trait::async_trait;
@@ -40,6 +47,10 @@ pub enum StoreError {
     /// resource, consumer or provider). The service checks first, so this means a bug.
     #[error("grant {0}: {1}")]
     BadGrantUpdate(String, String),
+    /// Another writer (another replica) changed what this write was checked against; nothing was written.
+    /// The service reads again, re-checks and retries; the text says what changed.
+    #[error("conflicting write: {0}")]
+    Conflict(String),
 }
 
 /// Catalog entries, their versions and the change log.
@@ -47,7 +58,9 @@ pub enum StoreError {
 pub trait CatalogStore: Send + Sync {
     /// Adds or replaces `entries` (by resource code). Each entry gets the next catalog version, in order,
     /// and `withdrawn = false`; returns the stored entries (with versions) in the same order. Atomic and
-    /// durable when it returns.
+    /// durable when it returns. An entry whose resource code is stored (live or withdrawn) under another
+    /// `provider_code` fails the whole call with [`StoreError::Conflict`]: a code stays its first
+    /// publisher's.
     async fn upsert(&self, entries: Vec<CatalogEntry>) -> Result<Vec<CatalogEntry>, StoreError>;
 
     /// Turns the named live entries into tombstones, each with the next version, in order; returns the
@@ -187,13 +200,15 @@ pub fn parse_grant_id(id: &str) -> Option<u64> {
 #[async_trait]
 pub trait GrantStore: Send + Sync {
     /// Stores a new grant: sets `grant_id` to the next id and `version` to the next version (whatever they
-    /// said) and returns the stored grant. Atomic and durable when it returns.
+    /// said) and returns the stored grant. Atomic and durable when it returns. If the consumer already has
+    /// a `PENDING` grant for the resource, fails with [`StoreError::Conflict`] and stores nothing.
     async fn insert(&self, grant: Grant) -> Result<Grant, StoreError>;
 
     /// Replaces existing grants (by `grant_id`); each gets the next version, in order. Resource, consumer
     /// and provider of a grant never change. If any grant is unknown or changes those, nothing is written
-    /// ([`StoreError::BadGrantUpdate`]). Returns the stored grants in the same order. Atomic and durable
-    /// when it returns.
+    /// ([`StoreError::BadGrantUpdate`]). Each grant's `version` must be the version stored now (the one the
+    /// caller read): if another write came in between, nothing is written ([`StoreError::Conflict`]).
+    /// Returns the stored grants in the same order. Atomic and durable when it returns.
     async fn update(&self, grants: Vec<Grant>) -> Result<Vec<Grant>, StoreError>;
 
     /// The grant with this id.
@@ -210,6 +225,34 @@ pub trait GrantStore: Send + Sync {
 
     /// The version of the latest change (0 when there is none).
     async fn current_version(&self) -> Result<u64, StoreError>;
+}
+
+/// The database under the [`Stores`], for what the admin port shows and does (size, the store check,
+/// backup).
+#[derive(Clone)]
+pub enum Database {
+    Sled(sled::SledDatabase),
+    Postgres(postgres::PgDatabase),
+}
+
+impl Database {
+    /// Bytes the store takes (0 when the backend cannot say).
+    pub async fn size_bytes(&self) -> u64 {
+        match self {
+            Database::Sled(db) => db.db().size_on_disk().unwrap_or(0),
+            Database::Postgres(db) => db.size_bytes().await.unwrap_or(0),
+        }
+    }
+
+    /// The `store` readiness check: a write that reaches the disk (sled) or the database (PostgreSQL).
+    pub async fn check(&self, data_dir: &std::path::Path) -> client_sdk::admin::api::HealthCheck {
+        match self {
+            Database::Sled(db) => {
+                tokio::task::block_in_place(|| client_sdk::admin::health::sled_store_check(db.db(), data_dir))
+            }
+            Database::Postgres(db) => db.check().await,
+        }
+    }
 }
 
 /// The stores a directory runs on.

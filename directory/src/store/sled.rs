@@ -36,7 +36,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use exchange_proto::v1::{AuditSeal, CatalogChange, CatalogEntry, ChangeKind, Grant, GrantChange, NodeInfo, Revocation};
+use exchange_proto::v1::{
+    AuditSeal, CatalogChange, CatalogEntry, ChangeKind, Grant, GrantChange, GrantStatus, NodeInfo, Revocation,
+};
 use prost::Message;
 
 use super::{
@@ -300,6 +302,18 @@ impl SledCatalogStore {
 impl CatalogStore for SledCatalogStore {
     async fn upsert(&self, entries: Vec<CatalogEntry>) -> Result<Vec<CatalogEntry>, StoreError> {
         let mut version = self.write_lock.lock().await;
+        let tree = self.tree.clone();
+        let owners: Vec<(String, String)> =
+            entries.iter().map(|e| (e.resource_code.clone(), e.provider_code.clone())).collect();
+        blocking(move || {
+            for (code, provider) in &owners {
+                if let Some(held) = SledCatalogStore::get_sync(&tree, code)?.filter(|e| &e.provider_code != provider) {
+                    return Err(owned_elsewhere(code, &held.provider_code));
+                }
+            }
+            Ok(())
+        })
+        .await?;
         let mut next = *version;
         let changes: Vec<CatalogChange> = entries
             .into_iter()
@@ -366,6 +380,9 @@ impl CatalogStore for SledCatalogStore {
         after_code: Option<&str>,
         limit: usize,
     ) -> Result<Vec<CatalogEntry>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
         let tree = self.tree.clone();
         let start = match after_code {
             Some(code) => Bound::Excluded(entry_key(code)),
@@ -619,6 +636,21 @@ impl SledGrantStore {
         })
     }
 
+    fn for_consumer_sync(tree: &sled::Tree, consumer_code: &str, resource_code: &str) -> Result<Vec<Grant>, StoreError> {
+        let prefix = pair_prefix(consumer_code, resource_code);
+        let mut out = Vec::new();
+        for kv in tree.scan_prefix(&prefix) {
+            let (k, _) = kv.map_err(backend)?;
+            let seq = read_u64(&k, &k[prefix.len()..])?;
+            let grant = Self::get_sync(tree, seq)?.ok_or_else(|| StoreError::Corrupt {
+                key: String::from_utf8_lossy(&k).into_owned(),
+                reason: format!("indexes grant {} which does not exist", grant_id(seq)),
+            })?;
+            out.push(grant);
+        }
+        Ok(out)
+    }
+
     fn get_sync(tree: &sled::Tree, seq: u64) -> Result<Option<Grant>, StoreError> {
         let key = grant_key(seq);
         tree.get(&key).map_err(backend)?.map(|v| decode(&key, &v)).transpose()
@@ -645,6 +677,21 @@ impl SledGrantStore {
     }
 }
 
+fn owned_elsewhere(code: &str, owner: &str) -> StoreError {
+    StoreError::Conflict(format!("resource code {code} already belongs to department {owner}"))
+}
+
+fn pending_exists(pending: &Grant) -> StoreError {
+    StoreError::Conflict(format!(
+        "grant {} of department {} for {} is pending already",
+        pending.grant_id, pending.consumer_code, pending.resource_code
+    ))
+}
+
+fn changed_since_read(grant_id: &str, read: u64, now: u64) -> StoreError {
+    StoreError::Conflict(format!("grant {grant_id} changed since it was read (version {read} read, {now} stored)"))
+}
+
 fn grant_change(grant: &Grant) -> Vec<u8> {
     GrantChange { version: grant.version, grant: Some(grant.clone()) }.encode_to_vec()
 }
@@ -653,6 +700,16 @@ fn grant_change(grant: &Grant) -> Vec<u8> {
 impl GrantStore for SledGrantStore {
     async fn insert(&self, mut grant: Grant) -> Result<Grant, StoreError> {
         let mut counters = self.write_lock.lock().await;
+        let tree = self.tree.clone();
+        let pair = (grant.consumer_code.clone(), grant.resource_code.clone());
+        blocking(move || match Self::for_consumer_sync(&tree, &pair.0, &pair.1)?
+            .into_iter()
+            .find(|g| g.status == GrantStatus::Pending as i32)
+        {
+            Some(pending) => Err(pending_exists(&pending)),
+            None => Ok(()),
+        })
+        .await?;
         let (version, seq) = (counters.version + 1, counters.seq + 1);
         grant.grant_id = grant_id(seq);
         grant.version = version;
@@ -678,6 +735,11 @@ impl GrantStore for SledGrantStore {
             {
                 return Err(bad("resource, consumer and provider of a grant cannot change"));
             }
+            // Within one call, a grant named twice is checked against its first write here.
+            let read_as = stored.iter().rev().find(|g: &&Grant| g.grant_id == grant.grant_id).map_or(old.version, |g| g.version);
+            if grant.version != read_as {
+                return Err(changed_since_read(&grant.grant_id, grant.version, read_as));
+            }
             version += 1;
             grant.version = version;
             batch.insert(grant_key(seq), grant.encode_to_vec());
@@ -700,21 +762,8 @@ impl GrantStore for SledGrantStore {
 
     async fn for_consumer(&self, consumer_code: &str, resource_code: &str) -> Result<Vec<Grant>, StoreError> {
         let tree = self.tree.clone();
-        let prefix = pair_prefix(consumer_code, resource_code);
-        blocking(move || {
-            let mut out = Vec::new();
-            for kv in tree.scan_prefix(&prefix) {
-                let (k, _) = kv.map_err(backend)?;
-                let seq = read_u64(&k, &k[prefix.len()..])?;
-                let grant = Self::get_sync(&tree, seq)?.ok_or_else(|| StoreError::Corrupt {
-                    key: String::from_utf8_lossy(&k).into_owned(),
-                    reason: format!("indexes grant {} which does not exist", grant_id(seq)),
-                })?;
-                out.push(grant);
-            }
-            Ok(out)
-        })
-        .await
+        let (consumer, resource) = (consumer_code.to_string(), resource_code.to_string());
+        blocking(move || Self::for_consumer_sync(&tree, &consumer, &resource)).await
     }
 
     async fn list(&self, department: Option<&str>) -> Result<Vec<Grant>, StoreError> {
@@ -909,7 +958,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let stores = open(dir.path()).unwrap();
-            let g1 = stores.grants.insert(pending("police", "1/000001")).await.unwrap();
+            // Approved, so the second request of the same pair (g3) is allowed: one pending request per pair.
+            let g1 = stores.grants.insert(Grant { status: GrantStatus::Approved as i32, ..pending("police", "1/000001") }).await.unwrap();
             assert_eq!((g1.grant_id.as_str(), g1.version), ("G00000001", 1));
             let g2 = stores.grants.insert(pending("health", "1/000001")).await.unwrap();
             let g3 = stores.grants.insert(pending("police", "1/000001")).await.unwrap();
@@ -962,7 +1012,7 @@ mod tests {
         assert_eq!(
             states,
             [
-                (1, "G00000001", p, 1),
+                (1, "G00000001", a, 1),
                 (2, "G00000002", p, 2),
                 (3, "G00000003", p, 3),
                 (4, "G00000001", a, 4),

@@ -6,6 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use client_sdk::client::DirectoryChannel;
 use client_sdk::identity::Role;
 use client_sdk::pki::{init_ca, issue, LeafRequest};
 use client_sdk::tls::{self, TlsIdentity, TlsPaths};
@@ -102,7 +103,7 @@ impl TestDirectory {
     }
 
     /// A client presenting `id` on a connection of its own.
-    pub fn client(&self, id: &TlsIdentity) -> DirectoryClient<Channel> {
+    pub fn client(&self, id: &TlsIdentity) -> DirectoryClient<DirectoryChannel> {
         client_sdk::client::directory_client(&self.addr, id).unwrap()
     }
 
@@ -142,7 +143,7 @@ impl Fixture {
     }
 
     /// A client with a certificate `<department>-<role>` of that department and role.
-    pub fn client_as(&self, department: &str, role: Role) -> DirectoryClient<Channel> {
+    pub fn client_as(&self, department: &str, role: Role) -> DirectoryClient<DirectoryChannel> {
         let id = self.pki.identity(department, role, &format!("{department}-{role}"));
         self.dir.client(&id)
     }
@@ -182,14 +183,14 @@ pub fn entry(department: &str, seq: u32) -> CatalogEntry {
 }
 
 pub async fn publish(
-    client: &mut DirectoryClient<Channel>,
+    client: &mut DirectoryClient<DirectoryChannel>,
     entries: Vec<CatalogEntry>,
 ) -> Result<PublishEntriesResponse, tonic::Status> {
     client.publish_entries(PublishEntriesRequest { entries }).await.map(|r| r.into_inner())
 }
 
 /// The catalog version as the directory reports it.
-pub async fn catalog_version(client: &mut DirectoryClient<Channel>) -> u64 {
+pub async fn catalog_version(client: &mut DirectoryClient<DirectoryChannel>) -> u64 {
     client
         .search_catalog(SearchCatalogRequest { page_size: 1, ..Default::default() })
         .await
@@ -199,7 +200,7 @@ pub async fn catalog_version(client: &mut DirectoryClient<Channel>) -> u64 {
 }
 
 pub async fn get(
-    client: &mut DirectoryClient<Channel>,
+    client: &mut DirectoryClient<DirectoryChannel>,
     code: &str,
     include_withdrawn: bool,
 ) -> Result<CatalogEntry, tonic::Status> {
@@ -207,7 +208,7 @@ pub async fn get(
 }
 
 /// Resource codes and versions of a search's hits, in rank order.
-pub async fn search_codes(client: &mut DirectoryClient<Channel>, query: &str) -> Vec<(String, u64)> {
+pub async fn search_codes(client: &mut DirectoryClient<DirectoryChannel>, query: &str) -> Vec<(String, u64)> {
     let resp = client
         .search_catalog(SearchCatalogRequest { query: query.into(), page_size: 200, ..Default::default() })
         .await

@@ -171,12 +171,12 @@ where
     }
 }
 
-pub async fn node_online(directory: &mut DirectoryClient<Channel>, dept: &str) -> Option<NodeInfo> {
+pub async fn node_online(directory: &mut DirectoryClient<client_sdk::client::DirectoryChannel>, dept: &str) -> Option<NodeInfo> {
     let nodes = directory.list_nodes(ListNodesRequest { department: dept.into() }).await.ok()?.into_inner().nodes;
     nodes.into_iter().find(|n| n.status == NodeStatus::Online as i32)
 }
 
-pub async fn provider_total(directory: &mut DirectoryClient<Channel>, dept: &str) -> u64 {
+pub async fn provider_total(directory: &mut DirectoryClient<client_sdk::client::DirectoryChannel>, dept: &str) -> u64 {
     directory
         .search_catalog(SearchCatalogRequest { provider_code: dept.into(), page_size: 1, ..Default::default() })
         .await
