@@ -106,7 +106,7 @@ impl ChangeFollower {
 
     async fn catch_up_revocations(&self) -> Result<(), StoreError> {
         loop {
-            let applied = *self.revocations.subscribe().borrow();
+            let applied = self.revocations.current();
             let changes = self.stores.revocations.changes_since(applied, BATCH).await?;
             let Some(last) = changes.last().map(|r| r.version) else { return Ok(()) };
             check_follows(Log::Revocations, applied, changes.iter().map(|r| r.version))?;
@@ -121,7 +121,7 @@ impl ChangeFollower {
 
     async fn catch_up_catalog(&self) -> Result<(), StoreError> {
         loop {
-            let applied = *self.catalog.subscribe().borrow();
+            let applied = self.catalog.current();
             let changes = self.stores.catalog.changes_since(applied, BATCH).await?;
             let Some(last) = changes.last().map(|c| c.version) else { return Ok(()) };
             check_follows(Log::Catalog, applied, changes.iter().map(|c| c.version))?;

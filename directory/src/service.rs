@@ -36,12 +36,12 @@ use tokio::sync::{watch, Mutex, Semaphore};
 use tonic::{Request, Response, Status};
 
 use crate::error::{DirectoryError, Violation};
+use crate::follow::{ChangeFollower, Log};
 use crate::revocation::RevocationAuthority;
 use crate::search::CatalogIndex;
+use crate::store::StoreError;
 use crate::store::{parse_grant_id, NodeRecord, Stores};
 use crate::validate;
-use crate::follow::{ChangeFollower, Log};
-use crate::store::StoreError;
 use crate::watch::{feed, ChangeStream, Feed};
 
 type Result<T, E = DirectoryError> = std::result::Result<T, E>;
@@ -229,7 +229,9 @@ impl Core {
             }
         }
         match self.stores.nodes.heartbeat(&id.department, &id.name, now, lease, seal.clone()).await? {
-            Some(node) if seal.as_ref().zip(node.audit_anchor.as_ref()).is_some_and(|(s, a)| s.upto_seq < a.upto_seq) => {
+            Some(node)
+                if seal.as_ref().zip(node.audit_anchor.as_ref()).is_some_and(|(s, a)| s.upto_seq < a.upto_seq) =>
+            {
                 // The node's newest seal is older than one it reported before: its trail lost sealed entries.
                 tracing::error!(node = %id, reported = seal.map(|s| s.upto_seq), anchored = node.audit_anchor.map(|a| a.upto_seq), "a node's audit trail went backwards: sealed entries were removed");
                 Ok(HeartbeatResponse {
@@ -276,12 +278,16 @@ impl Core {
     }
 
     /// Ownership check, durable write, index, notify. Runs in its own task (see the module docs).
-    async fn commit_publish(self: Arc<Self>, id: PeerIdentity, entries: Vec<CatalogEntry>) -> Result<PublishEntriesResponse> {
+    async fn commit_publish(
+        self: Arc<Self>,
+        id: PeerIdentity,
+        entries: Vec<CatalogEntry>,
+    ) -> Result<PublishEntriesResponse> {
         retry_conflicts(|| self.try_publish(&id, &entries)).await
     }
 
     async fn try_publish(&self, id: &PeerIdentity, entries: &[CatalogEntry]) -> Result<PublishEntriesResponse> {
-        let _write = self.write_lock.lock().await;
+        let write = self.write_lock.lock().await;
         let codes: Vec<String> = entries.iter().map(|e| e.resource_code.clone()).collect();
         let existing = self.stores.catalog.get_many(&codes).await?;
         for (i, old) in existing.iter().enumerate() {
@@ -296,6 +302,8 @@ impl Core {
         let stored = self.stores.catalog.upsert(entries.to_vec()).await?;
         let entry_versions: Vec<u64> = stored.iter().map(|e| e.version).collect();
         let catalog_version = entry_versions.last().copied().unwrap_or_default();
+        // The next writer may go on while this one waits: their changes are then applied together.
+        drop(write);
         // Searchable here (and announced to this replica's watchers) before the caller hears back.
         self.follower.wait_applied(Log::Catalog, catalog_version).await;
         tracing::info!(caller = %id, entries = count, catalog_version, "published catalog entries");
@@ -307,7 +315,7 @@ impl Core {
     }
 
     async fn try_withdraw(&self, id: &PeerIdentity, codes: &[String]) -> Result<WithdrawEntriesResponse> {
-        let _write = self.write_lock.lock().await;
+        let write = self.write_lock.lock().await;
         let existing = self.stores.catalog.get_many(&codes).await?;
         let mut live = Vec::with_capacity(codes.len());
         for (i, (code, old)) in codes.iter().zip(&existing).enumerate() {
@@ -331,6 +339,8 @@ impl Core {
         let count = live.len();
         let tombstones = self.stores.catalog.withdraw(live).await?;
         let catalog_version = tombstones.last().map(|e| e.version).unwrap_or_default();
+        // The next writer may go on while this one waits: their changes are then applied together.
+        drop(write);
         self.follower.wait_applied(Log::Catalog, catalog_version).await;
         tracing::info!(caller = %id, entries = count, catalog_version, "withdrew catalog entries");
         Ok(WithdrawEntriesResponse { catalog_version })
@@ -365,11 +375,13 @@ impl Core {
 
     async fn search(&self, req: SearchCatalogRequest) -> Result<SearchCatalogResponse> {
         invalid_if_any(validate::check_search(&req))?;
-        let catalog_version = self.stores.catalog.current_version().await?;
+        // The version this replica's index reflects (no store round trip), from which a watch goes on.
+        let catalog_version = self.follower.latest(Log::Catalog).current();
         let page = self.with_index(move |index| index.search(&req)).await?;
         let codes: Vec<String> = page.hits.iter().map(|(code, _)| code.clone()).collect();
         let entries = self.stores.catalog.get_many(&codes).await?;
-        // The index trails the store by one write at most; drop a hit withdrawn in between.
+        // The index may trail the store (by the writes this replica has not applied yet); drop a hit
+        // withdrawn in between.
         let hits = page
             .hits
             .iter()
@@ -479,7 +491,7 @@ impl Core {
     }
 
     async fn try_request_grant(&self, id: &PeerIdentity, req: RequestGrantRequest) -> Result<Grant> {
-        let _write = self.grant_lock.lock().await;
+        let write = self.grant_lock.lock().await;
         let code = req.resource_code.as_str();
         let entry = self
             .stores
@@ -555,6 +567,8 @@ impl Core {
             ..Default::default()
         };
         let stored = self.stores.grants.insert(grant).await?;
+        // The next writer may go on while this one waits: their changes are then applied together.
+        drop(write);
         self.follower.wait_applied(Log::Grants, stored.version).await;
         tracing::info!(
             caller = %id,
@@ -592,7 +606,7 @@ impl Core {
     }
 
     async fn try_decide_grant(&self, id: &PeerIdentity, req: DecideGrantRequest) -> Result<Grant> {
-        let _write = self.grant_lock.lock().await;
+        let write = self.grant_lock.lock().await;
         let mut grant = self.provider_grant(&id, &req.grant_id, "decide").await?;
         let now = now_unix_ms();
         if grant.status != GrantStatus::Pending as i32 {
@@ -639,6 +653,8 @@ impl Core {
         let superseded: Vec<String> = writes[..writes.len() - 1].iter().map(|g| g.grant_id.clone()).collect();
         let stored = self.stores.grants.update(writes).await?;
         let decided = stored.last().cloned().ok_or_else(|| DirectoryError::Internal("empty grant update".into()))?;
+        // The next writer may go on while this one waits: their changes are then applied together.
+        drop(write);
         self.follower.wait_applied(Log::Grants, decided.version).await;
         tracing::info!(
             caller = %id,
@@ -657,7 +673,7 @@ impl Core {
     }
 
     async fn try_revoke_grant(&self, id: &PeerIdentity, req: RevokeGrantRequest) -> Result<Grant> {
-        let _write = self.grant_lock.lock().await;
+        let write = self.grant_lock.lock().await;
         let mut grant = self.provider_grant(&id, &req.grant_id, "revoke").await?;
         let now = now_unix_ms();
         if grant.status != GrantStatus::Approved as i32 {
@@ -673,6 +689,8 @@ impl Core {
         grant.decision_reason = req.reason;
         let stored = self.stores.grants.update(vec![grant]).await?;
         let revoked = stored.into_iter().next().ok_or_else(|| DirectoryError::Internal("empty grant update".into()))?;
+        // The next writer may go on while this one waits: their changes are then applied together.
+        drop(write);
         self.follower.wait_applied(Log::Grants, revoked.version).await;
         tracing::info!(caller = %id, grant = %revoked.grant_id, version = revoked.version, "grant revoked");
         Ok(revoked)

@@ -84,6 +84,11 @@ impl LatestVersion {
         });
     }
 
+    /// The version announced last.
+    pub fn current(&self) -> u64 {
+        *self.0.borrow()
+    }
+
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.0.subscribe()
     }

@@ -51,7 +51,11 @@ impl<E: std::fmt::Display> Running<E> {
 /// The directory (`directory::run`), with its default configuration, as `central/directory`.
 pub async fn start_directory(pki: &TestPki, data: &Path) -> anyhow::Result<Running<directory::ServerError>> {
     let tls = pki.issue("central", Role::Directory, "directory");
-    let config = directory::Config::new("127.0.0.1:0", data, tls);
+    serve_directory(directory::Config::new("127.0.0.1:0", data, tls)).await
+}
+
+/// Serves `config` on ephemeral gRPC and admin ports.
+async fn serve_directory(config: directory::Config) -> anyhow::Result<Running<directory::ServerError>> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?.to_string();
     let admin = TcpListener::bind("127.0.0.1:0").await?;
@@ -74,22 +78,13 @@ pub async fn start_directory_replica(
     let toml_path = |p: &Path| toml_string(&p.to_string_lossy());
     let text = format!(
         "listen = \"127.0.0.1:0\"\n[tls]\nca = {}\ncert = {}\nkey = {}\n[store]\nbackend = \"postgres\"\n\
-         [store.postgres]\nurl = {}\npool_size = 8\npoll_interval_ms = {poll_ms}\n",
+         [store.postgres]\nurl = {}\npoll_interval_ms = {poll_ms}\n",
         toml_path(&tls.ca),
         toml_path(&tls.cert),
         toml_path(&tls.key),
         toml_string(url),
     );
-    let config = directory::Config::from_toml_str(&text)?;
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?.to_string();
-    let admin = TcpListener::bind("127.0.0.1:0").await?;
-    let admin_addr = admin.local_addr()?.to_string();
-    let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(directory::server::run_with_admin(listener, Some(admin), config, async {
-        let _ = stopped.await;
-    }));
-    Ok(Running { addr, admin_addr, stop: Some(stop), task })
+    serve_directory(directory::Config::from_toml_str(&text)?).await
 }
 
 /// `text` as a TOML basic string.

@@ -12,6 +12,8 @@
 //!   enterprise records to load into them.
 //! - [`postgres`]: the PostgreSQL server the directory's PostgreSQL tests run on, a fresh database each.
 //! - [`store_contract`]: the directory storage traits' behaviour tests, run for every backend.
+//! - [`ha_bench`]: `bench --only directory-ha`: publish and search on sled, and on PostgreSQL with one and
+//!   two directory replicas.
 //! - [`ops_bench`]: `bench --only ops`: what backups, metrics and scrapes cost a running node.
 //! - [`relay_parts`]: the node's per-call relay steps timed one by one (where a relayed query's time goes).
 
@@ -19,6 +21,7 @@ pub mod echo;
 pub mod events_bench;
 pub mod federation;
 pub mod forwarder;
+pub mod ha_bench;
 pub mod load;
 pub mod ops_bench;
 pub mod pki;

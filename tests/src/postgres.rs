@@ -56,7 +56,7 @@ impl TestPostgres {
                 started_in: None,
                 stop_on_drop: false,
             },
-            _ => start_server(None)
+            _ => start_server(None, false)
                 .unwrap_or_else(|e| panic!("cannot start a PostgreSQL server for the tests: {e}")),
         })
     }
@@ -66,12 +66,18 @@ impl TestPostgres {
     /// can reach it under an address its certificate does not name), admits the superuser `postgres` with
     /// or without TLS, and the role [`TLS_ONLY_ROLE`] (a superuser too) over TLS only.
     pub fn start_private_with_tls(tls: &ServerTls) -> TestPostgres {
-        let server = start_server(Some(tls))
+        let server = start_server(Some(tls), false)
             .unwrap_or_else(|e| panic!("cannot start a PostgreSQL server with TLS: {e}"));
         let admin = server.admin_url.clone();
         let create_role = format!("CREATE ROLE {TLS_ONLY_ROLE} LOGIN SUPERUSER");
         run_sql(admin, vec![create_role]).unwrap_or_else(|e| panic!("{e}"));
         server
+    }
+
+    /// A server of its own with PostgreSQL's durable defaults (fsync, full page writes, synchronous
+    /// commit), stopped when dropped: what the benchmark measures against.
+    pub fn start_private_durable() -> TestPostgres {
+        start_server(None, true).unwrap_or_else(|e| panic!("cannot start a PostgreSQL server: {e}"))
     }
 
     /// The port the server listens on.
@@ -259,7 +265,7 @@ fn as_owner(program: impl AsRef<std::ffi::OsStr>, owner: Option<(u32, u32)>) -> 
     command
 }
 
-fn start_server(tls: Option<&ServerTls>) -> Result<TestPostgres, String> {
+fn start_server(tls: Option<&ServerTls>, durable: bool) -> Result<TestPostgres, String> {
     let bin = installed_bin_dir().ok_or_else(|| {
         format!(
             "PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/postgres). Install Debian's `postgresql` \
@@ -302,8 +308,11 @@ fn start_server(tls: Option<&ServerTls>) -> Result<TestPostgres, String> {
         ));
     }
     // TCP on loopback only, no Unix socket (so no clash with a cluster of the distribution's package);
-    // a throw-away server need not fsync.
-    let mut settings = "\nunix_socket_directories = ''\nmax_connections = 300\nfsync = off\nfull_page_writes = off\n".to_string();
+    // a throw-away server need not fsync (the benchmark's does: it compares with sled, which flushes).
+    let mut settings = "\nunix_socket_directories = ''\nmax_connections = 300\n".to_string();
+    if !durable {
+        settings.push_str("fsync = off\nfull_page_writes = off\n");
+    }
     match tls {
         None => settings.push_str("listen_addresses = '127.0.0.1'\n"),
         Some(tls) => {
@@ -359,7 +368,7 @@ fn start_server(tls: Option<&ServerTls>) -> Result<TestPostgres, String> {
             return Ok(TestPostgres {
                 admin_url: format!("postgresql://postgres@127.0.0.1:{port}/postgres"),
                 started_in: Some(dir),
-                stop_on_drop: tls.is_some(),
+                stop_on_drop: tls.is_some() || durable,
             });
         }
         last_error = format!(

@@ -12,6 +12,7 @@
 //! cargo build --release -p exchange-node --bins && \
 //!   cargo run --release -p e2e-tests --bin bench -- --only backlog # provider memory, 1,000,000-event backlog
 //! cargo run --release -p e2e-tests --bin bench -- --only ops       # backup, metrics and scrape costs
+//! cargo run --release -p e2e-tests --bin bench -- --only directory-ha --entries 20000   # sled vs PostgreSQL, 1 and 2 replicas
 //! ```
 //!
 //! The three event sections (issue 4, `e2e_tests::events_bench`) are not in the default run: they take
@@ -135,6 +136,9 @@ enum Section {
     Backlog,
     /// Not in the default run: what backups, metrics and scrapes cost a running node (issue 5).
     Ops,
+    /// Not in the default run: publish and search throughput on sled, and on PostgreSQL with one and two
+    /// directory replicas (issue 6). Starts its own PostgreSQL server (durable settings).
+    DirectoryHa,
     /// Internal: the memory baseline `--only backlog` runs in a child process of its own.
     #[value(hide = true)]
     SledMemory,
@@ -146,6 +150,12 @@ struct Row {
     baseline: String,
     ratio: String,
     target: String,
+}
+
+impl From<events_bench::Figure> for Row {
+    fn from(f: events_bench::Figure) -> Row {
+        Row { figure: f.figure, value: f.value, baseline: f.baseline, ratio: f.ratio, target: f.target }
+    }
 }
 
 fn ms(d: Duration) -> String {
@@ -311,23 +321,22 @@ async fn main() -> anyhow::Result<()> {
             Section::Sync => events_bench::sync(&pki, tmp.path(), &options).await?,
             _ => events_bench::backlog(&pki, tmp.path(), &options).await?,
         };
-        rows.extend(figures.into_iter().map(|f| Row {
-            figure: f.figure,
-            value: f.value,
-            baseline: f.baseline,
-            ratio: f.ratio,
-            target: f.target,
-        }));
+        rows.extend(figures.into_iter().map(Row::from));
+    }
+    if args.only == Some(Section::DirectoryHa) {
+        let postgres = e2e_tests::postgres::TestPostgres::start_private_durable();
+        let options = e2e_tests::ha_bench::Options {
+            entries: args.entries,
+            batch: args.batch,
+            seconds: args.seconds,
+            concurrency: args.concurrency,
+            postgres: &postgres,
+        };
+        rows.extend(e2e_tests::ha_bench::directory_ha(&pki, tmp.path(), &options).await?.into_iter().map(Row::from));
     }
     if args.only == Some(Section::Ops) {
         let figures = ops_bench::ops(&pki, tmp.path(), &ops_bench::Options { records: args.ops_records }).await?;
-        rows.extend(figures.into_iter().map(|f| Row {
-            figure: f.figure,
-            value: f.value,
-            baseline: f.baseline,
-            ratio: f.ratio,
-            target: f.target,
-        }));
+        rows.extend(figures.into_iter().map(Row::from));
     }
 
     println!("\n| figure | measured | baseline (same run) | ratio | target |\n|---|---|---|---|---|");
