@@ -2,9 +2,9 @@
 //! [`feed`] over a store's change log.
 //!
 //! The store's change log is the only source of changes; nothing is queued per watcher. A watcher keeps a
-//! cursor (the last version it passed) and repeatedly reads `changes_since(cursor, BATCH)`; when it has
-//! caught up it sleeps on a `tokio::sync::watch<u64>` ([`LatestVersion`]) that writers bump after each
-//! durable write. Because the watcher marks the current watch value as seen *before* reading the store, a
+//! cursor (the last version it passed) and repeatedly reads `changes_since(cursor, BATCH)`, up to the
+//! version announced on a `tokio::sync::watch<u64>` ([`LatestVersion`]) — the version this replica has
+//! applied (`crate::follow`) — and when it has caught up it sleeps on that announcement. Because the watcher marks the current watch value as seen *before* reading the store, a
 //! write that lands between the read and the sleep still wakes it, so no change is missed; because it only
 //! ever asks for versions above its cursor and checks that they follow on without a gap, none is repeated
 //! or skipped.
@@ -159,10 +159,15 @@ where
             continue;
         }
         // Mark the current version seen *before* reading, so a write landing after the read still wakes us.
-        s.versions.borrow_and_update();
-        match (s.read)(s.cursor, BATCH).await {
+        // Only what was announced is passed on: the log may already hold later versions that this
+        // replica has not applied (indexed) yet, and a watcher must be able to find what it saw.
+        let announced = *s.versions.borrow_and_update();
+        let read = if s.cursor < announced { (s.read)(s.cursor, BATCH).await } else { Ok(Vec::new()) };
+        match read {
             Err(e) => return s.end(DirectoryError::Store(e).into()),
-            Ok(changes) if !changes.is_empty() => s.buffered.extend(changes),
+            Ok(changes) if changes.first().is_some_and(|c| c.version() <= announced) => {
+                s.buffered.extend(changes.into_iter().take_while(|c| c.version() <= announced))
+            }
             Ok(_) => {
                 tokio::select! {
                     changed = s.versions.changed() => {
@@ -235,6 +240,20 @@ mod tests {
         assert_eq!(status.code(), tonic::Code::Unavailable);
         assert!(status.message().contains("resume from version 5"), "{}", status.message());
         assert!(f.next().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_change_in_the_log_is_passed_on_only_once_announced() {
+        // Version 3 is durable in the log but not yet applied (announced) on this replica.
+        let log: Log = Arc::new(Mutex::new(vec![Change(1, "a"), Change(2, "a"), Change(3, "a")]));
+        let latest = LatestVersion::new(2);
+        let (_stop, stopped) = watch::channel(false);
+        let mut f = feed(reader(log), |_: &Change| true, latest.subscribe(), stopped, 0);
+        assert_eq!(next(&mut f).await.unwrap(), Change(1, "a"));
+        assert_eq!(next(&mut f).await.unwrap(), Change(2, "a"));
+        assert!(tokio::time::timeout(Duration::from_millis(200), f.next()).await.is_err(), "3 is not announced yet");
+        latest.advance(3);
+        assert_eq!(next(&mut f).await.unwrap(), Change(3, "a"));
     }
 
     #[tokio::test]

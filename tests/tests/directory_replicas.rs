@@ -320,9 +320,10 @@ async fn grants_leases_and_revocations_made_through_one_replica_hold_on_the_othe
         .unwrap();
     let revoked = tokio::time::timeout(Duration::from_secs(10), revocations_b.next()).await.unwrap().unwrap().unwrap();
     assert_eq!(revoked.serial_hex, quality.identity.serial_hex);
-    // B's watcher saw it, so B's revoked set holds it (the follower applies before it announces).
+    // B's watcher saw it, so B's revoked set holds it (the follower applies before it announces). TLS 1.3
+    // clients finish their handshake first, so the refusal shows as a closed connection, whatever its code.
     let refused = client_on(&pair.b.addr, &quality).list_nodes(ListNodesRequest::default()).await.unwrap_err();
-    assert!(matches!(refused.code(), Code::Unavailable | Code::Unauthenticated | Code::Unknown), "{refused:?}");
+    assert!(matches!(refused.code(), Code::Unavailable | Code::Unauthenticated | Code::Unknown | Code::Cancelled), "{refused:?}");
 
     pair.a.stop().await.unwrap();
     pair.b.stop().await.unwrap();
