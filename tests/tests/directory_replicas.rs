@@ -26,6 +26,8 @@ const POLL_MS: u64 = 50;
 
 struct Pair {
     _tmp: tempfile::TempDir,
+    /// The database both replicas use.
+    url: String,
     pki: TestPki,
     a: Running<directory::ServerError>,
     b: Running<directory::ServerError>,
@@ -40,7 +42,7 @@ impl Pair {
         // store contract tests); here B starts on a database A already migrated.
         let a = start_directory_replica(&pki, &url, POLL_MS).await.unwrap();
         let b = start_directory_replica(&pki, &url, POLL_MS).await.unwrap();
-        let pair = Pair { _tmp: tmp, pki, a, b };
+        let pair = Pair { _tmp: tmp, url, pki, a, b };
         for addr in [pair.a.addr.clone(), pair.b.addr.clone()] {
             let id = pair.pki.identity("central", Role::Operator, "central-operator");
             wait_for("a replica to answer", Duration::from_secs(30), || {
@@ -324,6 +326,52 @@ async fn grants_leases_and_revocations_made_through_one_replica_hold_on_the_othe
     // clients finish their handshake first, so the refusal shows as a closed connection, whatever its code.
     let refused = client_on(&pair.b.addr, &quality).list_nodes(ListNodesRequest::default()).await.unwrap_err();
     assert!(matches!(refused.code(), Code::Unavailable | Code::Unauthenticated | Code::Unknown | Code::Cancelled), "{refused:?}");
+
+    pair.a.stop().await.unwrap();
+    pair.b.stop().await.unwrap();
+}
+
+/// What a database restart or failover does to the replicas: every connection they hold is cut by the
+/// server. Their next calls must still succeed, on fresh connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replicas_ride_out_the_database_dropping_every_connection() {
+    let pair = Pair::start().await;
+    let mut tax_a = pair.on(&pair.a, "tax", Role::Node);
+    let mut reader_b = pair.on(&pair.b, "quality", Role::Node);
+    tax_a.publish_entries(PublishEntriesRequest { entries: vec![entry("tax", &code(1))] }).await.unwrap();
+    wait_for("replica B to index the entry", Duration::from_secs(10), || {
+        let mut c = reader_b.clone();
+        async move { (total_hits(&mut c, "").await == 1).then_some(()) }
+    })
+    .await
+    .unwrap();
+
+    let database = pair.url.rsplit('/').next().unwrap().split('?').next().unwrap().to_string();
+    let (admin, connection) =
+        tokio_postgres::connect(TestPostgres::shared().admin_url(), tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    let cut = admin
+        .query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+            &[&database],
+        )
+        .await
+        .unwrap();
+    assert!(!cut.is_empty(), "the replicas held connections to {database}");
+
+    // Reads, an idempotent heartbeat-like write and a versioned write, through both replicas.
+    tax_a.publish_entries(PublishEntriesRequest { entries: vec![entry("tax", &code(2))] }).await.unwrap();
+    reader_b.list_nodes(ListNodesRequest::default()).await.unwrap();
+    pair.on(&pair.b, "tax", Role::Node)
+        .get_entry(GetEntryRequest { resource_code: code(2), include_withdrawn: false })
+        .await
+        .unwrap();
+    wait_for("replica B to index the entry published after the cut", Duration::from_secs(10), || {
+        let mut c = reader_b.clone();
+        async move { (total_hits(&mut c, "").await == 2).then_some(()) }
+    })
+    .await
+    .unwrap();
 
     pair.a.stop().await.unwrap();
     pair.b.stop().await.unwrap();

@@ -307,7 +307,9 @@ impl Pg {
             .await;
             match result {
                 Ok(rows) => return Ok(rows),
-                Err(e) if retryable(&e) && attempt < ATTEMPTS => {
+                // A pooled connection the server dropped (a database restart or failover): statements run
+                // here are single reads and idempotent upserts, so they run again on a fresh connection.
+                Err(e) if (retryable(&e) || e.is_closed()) && attempt < ATTEMPTS => {
                     drop(client);
                     back_off(attempt).await;
                     attempt += 1;
@@ -330,6 +332,12 @@ impl Pg {
         loop {
             let mut client = self.client().await?;
             let failed = match client.transaction().await {
+                // The connection was dropped by the server before anything was sent: a fresh one may begin.
+                Err(e) if e.is_closed() && attempt < ATTEMPTS => {
+                    tracing::debug!(what, attempt, "pooled database connection was closed; taking another");
+                    attempt += 1;
+                    continue;
+                }
                 Err(e) => e,
                 Ok(tx) => match work(&tx, input).await {
                     Ok(out) => match tx.commit().await {
