@@ -142,11 +142,15 @@ impl AdminSource for DirectoryAdmin {
     }
 
     async fn backup(&self) -> Result<PathBuf, String> {
-        let Some(source) = self.backup.clone() else {
-            return Err("this directory's store is PostgreSQL, shared by its replicas: back it up with pg_dump or \
-                        the database's own backup (docs/OPERATOR-GUIDE.md)"
-                .into());
-        };
+        let source = self.backup.clone().ok_or_else(|| self.backup_unsupported().unwrap_or_default())?;
         crate::backup::backup_to_temp_file(source).await.map(|(path, _)| path).map_err(|e| e.to_string())
+    }
+
+    fn backup_unsupported(&self) -> Option<String> {
+        self.backup.is_none().then(|| {
+            "this directory's store is PostgreSQL, shared by its replicas: back it up with pg_dump or the \
+             database's own backup (docs/OPERATOR-GUIDE.md)"
+                .to_string()
+        })
     }
 }

@@ -327,6 +327,26 @@ async fn grants_leases_and_revocations_made_through_one_replica_hold_on_the_othe
     let refused = client_on(&pair.b.addr, &quality).list_nodes(ListNodesRequest::default()).await.unwrap_err();
     assert!(matches!(refused.code(), Code::Unavailable | Code::Unauthenticated | Code::Unknown | Code::Cancelled), "{refused:?}");
 
+    // The admin port's backup is the sled store's; on PostgreSQL it is refused with the way to do it.
+    let admin = client_sdk::admin::client::AdminClient::connect(
+        &pair.a.admin_addr,
+        client_sdk::admin::client::AdminAuth {
+            ca: pair.pki.dir.join("ca.crt"),
+            client: Some(pair.identity("central", Role::Operator)),
+            token: None,
+        },
+    )
+    .unwrap();
+    let out = pair._tmp.path().join("directory.gxbak");
+    match admin.download("/api/backup", &out).await {
+        Err(client_sdk::admin::client::AdminClientError::Status { status, message }) => {
+            assert_eq!(status, 501, "{message}");
+            assert!(message.contains("pg_dump"), "{message}");
+        }
+        other => panic!("a backup of a PostgreSQL directory through its admin port: {other:?}"),
+    }
+    assert!(!out.exists(), "nothing written");
+
     pair.a.stop().await.unwrap();
     pair.b.stop().await.unwrap();
 }

@@ -49,6 +49,11 @@ pub trait AdminSource: Send + Sync + 'static {
     /// Writes a consistent backup to a new temporary file and returns its path; the caller streams it
     /// and removes it.
     async fn backup(&self) -> Result<PathBuf, String>;
+    /// Why this server's store cannot be backed up through the admin port (e.g. it lives in a shared
+    /// database with backup tools of its own), or `None`.
+    fn backup_unsupported(&self) -> Option<String> {
+        None
+    }
 }
 
 /// Most admin connections open at once: the admin port serves a few operators and scrapers.
@@ -428,6 +433,9 @@ async fn reload(State(state): State<AdminState>) -> Response {
 }
 
 async fn backup(State(state): State<AdminState>) -> Response {
+    if let Some(why) = state.source.backup_unsupported() {
+        return error(StatusCode::NOT_IMPLEMENTED, why);
+    }
     let path = match state.source.backup().await {
         Ok(p) => p,
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e),
