@@ -17,6 +17,7 @@ use client_sdk::tls::TlsIdentity;
 use exchange_proto::v1::NodeStatus;
 
 use crate::backup::DirectoryBackupSource;
+use crate::follow::{ChangeFollower, Log};
 use crate::search::CatalogIndex;
 use crate::service::now_unix_ms;
 use crate::store::{Database, Stores};
@@ -33,6 +34,8 @@ pub struct DirectoryAdmin {
     pub data_dir: PathBuf,
     pub stores: Stores,
     pub index: Arc<CatalogIndex>,
+    /// What this replica has applied of each change log (the store may be ahead: other replicas' writes).
+    pub follower: Arc<ChangeFollower>,
     pub database: Database,
     pub metrics: Arc<Metrics>,
     /// None with the PostgreSQL backend: the database is backed up with its own tools.
@@ -68,6 +71,18 @@ impl AdminSource for DirectoryAdmin {
         let id = self.tls.current();
         let (online, offline) = self.node_counts().await;
         let store_bytes = self.database.size_bytes().await;
+        // Applied here against written to the store, per change log: the difference is how far this
+        // replica's index, revoked set and watchers trail the other replicas' writes.
+        for (log, name, written) in [
+            (Log::Catalog, "catalog", self.stores.catalog.current_version().await),
+            (Log::Grants, "grants", self.stores.grants.current_version().await),
+            (Log::Revocations, "revocations", self.stores.revocations.current_version().await),
+        ] {
+            g.gauge("gx_directory_applied_version", "Change-log version this replica has applied", &[("log", name)], self.follower.latest(log).current() as f64);
+            if let Ok(written) = written {
+                g.gauge("gx_directory_store_version", "Change-log version in the store", &[("log", name)], written as f64);
+            }
+        }
         g.gauge("gx_build_info", "Always 1; the labels say what runs", &[("server", "directory"), ("version", SOFTWARE_VERSION), ("department", &id.department)], 1.0)
             .gauge("gx_directory_nodes", "Registered nodes by lease status", &[("status", "online")], online as f64)
             .gauge("gx_directory_nodes", "Registered nodes by lease status", &[("status", "offline")], offline as f64)

@@ -299,7 +299,7 @@ impl LoadedDirectory {
                 lease_ttl_seconds: self.config.lease_ttl_seconds,
                 heartbeat_interval_seconds: self.config.heartbeat_interval_seconds(),
             },
-            follower,
+            follower.clone(),
             stop_rx.clone(),
         );
         let directory = DirectoryServer::new(service)
@@ -312,6 +312,7 @@ impl LoadedDirectory {
         let admin_task = match (admin_listener, admin_config) {
             (Some(admin_listener), Some(admin_config)) => {
                 let source: Arc<dyn AdminSource> = Arc::new(DirectoryAdmin {
+                    follower: follower.clone(),
                     tls: self.identity.clone(),
                     admin: admin_config.clone(),
                     grpc_address: local.map(|a| a.to_string()).unwrap_or_default(),

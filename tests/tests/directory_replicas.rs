@@ -65,6 +65,19 @@ impl Pair {
     }
 }
 
+/// A replica's admin port, as the central operator.
+fn admin_of(pair: &Pair, replica: &Running<directory::ServerError>) -> client_sdk::admin::client::AdminClient {
+    client_sdk::admin::client::AdminClient::connect(
+        &replica.admin_addr,
+        client_sdk::admin::client::AdminAuth {
+            ca: pair.pki.dir.join("ca.crt"),
+            client: Some(pair.identity("central", Role::Operator)),
+            token: None,
+        },
+    )
+    .unwrap()
+}
+
 fn client_on(addr: &str, id: &TlsIdentity) -> Client {
     client_sdk::client::directory_client(addr, id).unwrap()
 }
@@ -172,6 +185,15 @@ async fn catalog_writes_through_either_replica_reach_both_watchers_in_order_and_
     let tax_code = code(1);
     for client in [&mut search_a, &mut search_b] {
         assert_eq!(total_hits(client, "企业登记").await, total as u64, "every entry is searchable on both replicas");
+    }
+
+    // Each replica's admin port says how far it has applied each change log, next to the store's head.
+    let metrics = admin_of(&pair, &pair.b).get_text("/metrics").await.unwrap().1;
+    for line in [
+        format!("gx_directory_applied_version{{log=\"catalog\"}} {total}"),
+        format!("gx_directory_store_version{{log=\"catalog\"}} {total}"),
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} not in B's metrics:\n{metrics}");
     }
 
     // A withdrawal through B: A's watcher gets the tombstone next, and A's search drops the entry.
@@ -328,15 +350,7 @@ async fn grants_leases_and_revocations_made_through_one_replica_hold_on_the_othe
     assert!(matches!(refused.code(), Code::Unavailable | Code::Unauthenticated | Code::Unknown | Code::Cancelled), "{refused:?}");
 
     // The admin port's backup is the sled store's; on PostgreSQL it is refused with the way to do it.
-    let admin = client_sdk::admin::client::AdminClient::connect(
-        &pair.a.admin_addr,
-        client_sdk::admin::client::AdminAuth {
-            ca: pair.pki.dir.join("ca.crt"),
-            client: Some(pair.identity("central", Role::Operator)),
-            token: None,
-        },
-    )
-    .unwrap();
+    let admin = admin_of(&pair, &pair.a);
     let out = pair._tmp.path().join("directory.gxbak");
     match admin.download("/api/backup", &out).await {
         Err(client_sdk::admin::client::AdminClientError::Status { status, message }) => {
