@@ -255,22 +255,6 @@ fn unavailable_answer(response: &http::Response<tonic::body::Body>) -> Option<St
     .then(|| format!("answered HTTP {}", response.status()))
 }
 
-/// An error and its sources in one line, each said once (the transport's layers often repeat their
-/// source's text in their own).
-fn describe(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut cause = error.source();
-    while let Some(e) = cause {
-        let more = e.to_string();
-        if !text.contains(&more) {
-            text.push_str(": ");
-            text.push_str(&more);
-        }
-        cause = e.source();
-    }
-    text
-}
-
 fn copy_request(parts: &http::request::Parts, body: prost::bytes::Bytes) -> http::Request<tonic::body::Body> {
     let mut request = http::Request::new(tonic::body::Body::new(http_body_util::Full::new(body)));
     *request.method_mut() = parts.method.clone();
@@ -318,13 +302,13 @@ impl Replicas {
             let addr = &self.addrs[index];
             let mut channel = self.channel(index);
             let (delivery, reason) = match channel.ready().await {
-                Err(e) => (Delivery::NotProcessed, describe(&e)),
+                Err(e) => (Delivery::NotProcessed, tls::error_chain(&e)),
                 Ok(_) => match tower::Service::call(&mut channel, copy_request(&parts, body.clone())).await {
                     Ok(response) => match unavailable_answer(&response) {
                         None => return Ok(response),
                         Some(reason) => (Delivery::MaybeProcessed, reason),
                     },
-                    Err(e) => (delivery_of(&e), describe(&e)),
+                    Err(e) => (delivery_of(&e), tls::error_chain(&e)),
                 },
             };
             let next = self.move_on(index);

@@ -649,13 +649,17 @@ pub async fn connect(addr: &str, config: Arc<rustls::ClientConfig>) -> Result<Ch
     })
 }
 
-/// Formats an error with all its sources (tonic's transport errors hide the useful part in the chain).
+/// Formats an error with all its sources (tonic's transport errors hide the useful part in the chain),
+/// each said once: layers often repeat their source's text in their own.
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(src) = cur {
-        s.push_str(": ");
-        s.push_str(&src.to_string());
+        let more = src.to_string();
+        if !s.contains(&more) {
+            s.push_str(": ");
+            s.push_str(&more);
+        }
         cur = src.source();
     }
     s

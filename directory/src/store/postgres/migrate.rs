@@ -37,7 +37,7 @@ const CREATE_TABLE: &str = "CREATE TABLE IF NOT EXISTS gx_schema_migrations (\
 fn failed(label: &str, what: &str, e: &tokio_postgres::Error) -> StoreError {
     StoreError::Backend(format!(
         "schema migration of {label}: {what}: {}",
-        super::with_causes(e)
+        client_sdk::tls::error_chain(e)
     ))
 }
 

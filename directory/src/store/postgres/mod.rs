@@ -249,22 +249,6 @@ async fn back_off(attempt: u32) {
     tokio::time::sleep(pause).await;
 }
 
-/// An error with its causes: tokio-postgres's own text can stop at "error performing TLS handshake" while
-/// the cause (which certificate check failed) is what an operator needs.
-fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        let more = cause.to_string();
-        if !text.contains(&more) {
-            text.push_str(": ");
-            text.push_str(&more);
-        }
-        source = cause.source();
-    }
-    text
-}
-
 impl Pg {
     /// A pooled connection.
     async fn client(&self) -> Result<deadpool_postgres::Client, StoreError> {
@@ -273,7 +257,7 @@ impl Pg {
 
     fn pool_error(&self, e: PoolError) -> StoreError {
         let why = match e {
-            PoolError::Backend(e) => with_causes(&e),
+            PoolError::Backend(e) => client_sdk::tls::error_chain(&e),
             PoolError::Timeout(deadpool_postgres::TimeoutType::Wait) => {
                 format!(
                     "no free connection in the pool within {} s",
@@ -287,7 +271,7 @@ impl Pg {
     }
 
     fn db_error(&self, what: &str, e: &tokio_postgres::Error) -> StoreError {
-        StoreError::Backend(format!("{what} ({}): {}", self.label, with_causes(e)))
+        StoreError::Backend(format!("{what} ({}): {}", self.label, client_sdk::tls::error_chain(e)))
     }
 
     /// Runs one statement (in its own implicit transaction), retried like [`Pg::write`].

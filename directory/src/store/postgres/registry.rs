@@ -217,6 +217,16 @@ async fn revoke_in(tx: &Transaction<'_>, revocation: &Revocation) -> Result<Revo
     Ok(stored)
 }
 
+/// Rows of `(serial_hex, revocation)`, decoded.
+fn revocations_of(rows: &[tokio_postgres::Row]) -> Result<Vec<Revocation>, StoreError> {
+    rows.iter()
+        .map(|r| {
+            let serial: &str = r.get(0);
+            decode(revocation_key(serial), r.get(1))
+        })
+        .collect()
+}
+
 #[async_trait]
 impl RevocationStore for PgRevocationStore {
     async fn revoke(&self, revocation: Revocation) -> Result<Revocation, StoreError> {
@@ -248,12 +258,7 @@ impl RevocationStore for PgRevocationStore {
                 &[],
             )
             .await?;
-        rows.iter()
-            .map(|r| {
-                let serial: &str = r.get(0);
-                decode(revocation_key(serial), r.get(1))
-            })
-            .collect()
+        revocations_of(&rows)
     }
 
     async fn changes_since(
@@ -272,12 +277,7 @@ impl RevocationStore for PgRevocationStore {
                 &[&after_bound(after_version), &limit_of(limit)],
             )
             .await?;
-        rows.iter()
-            .map(|r| {
-                let serial: &str = r.get(0);
-                decode(revocation_key(serial), r.get(1))
-            })
-            .collect()
+        revocations_of(&rows)
     }
 
     async fn current_version(&self) -> Result<u64, StoreError> {
